@@ -91,7 +91,7 @@ ARCHS: dict[str, ClipSpec] = {
     # Vision and text widths differ on purpose: it catches code that assumes they match.
     "tiny-vit": ClipSpec(
         embed_dim=64, image_size=64, patch_size=8, vision_width=128, vision_layers=4, vision_heads=2,
-        text_width=64, text_layers=2, text_heads=1,
+        text_width=64, text_layers=4, text_heads=1,
     ),
     "tiny-vit-12": ClipSpec(
         embed_dim=32, image_size=32, patch_size=8, vision_width=64, vision_layers=12, vision_heads=1,

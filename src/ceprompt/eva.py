@@ -1,0 +1,154 @@
+"""Stage 1, EVA: emotion-conception-guided tuning of the upper vision blocks (DESIGN.md section 2).
+
+The vision blocks from ``fix_layer`` up, ``ln_post`` and the projection train; everything else
+is frozen. A frozen copy of the original upper blocks is the distillation teacher. The lower
+blocks are shared, so they run once per batch for both, without building a graph.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from open_clip.model import CLIP
+from torch import nn
+
+from .errors import ConfigError
+from .head import HeadConfig, ScoreOutput, emotion_scores
+from .prompts import DEFAULT_TEMPLATE, class_prompts, fixed_prompt_features
+from .towers import run_blocks, vision_embed, vision_project
+
+KD_TARGETS = ("normalized", "raw")
+
+
+def freeze(module: nn.Module) -> None:
+    for p in module.parameters():
+        p.requires_grad_(False)
+
+
+class EVAModel(nn.Module):
+    """Stage-1 student (with its teacher) scoring images against fixed class prompts."""
+
+    def __init__(
+        self,
+        clip: CLIP,
+        class_names: Sequence[str],
+        head: HeadConfig | None = None,
+        fix_layer: int = 2,
+        template: str = DEFAULT_TEMPLATE,
+        kd_weight: float = 1.0,
+        kd_target: str = "normalized",
+        grad_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        n_blocks = len(clip.visual.transformer.resblocks)
+        if not 0 <= fix_layer <= n_blocks:
+            raise ConfigError(f"eva.fix_layer={fix_layer}; expected 0..{n_blocks} for a {n_blocks}-block vision tower")
+        if kd_target not in KD_TARGETS:
+            raise ConfigError(f"eva.kd_target={kd_target!r}; expected one of {KD_TARGETS}")
+        if kd_weight < 0:
+            raise ConfigError(f"eva.kd_weight={kd_weight}; expected >= 0")
+        self.clip = clip
+        self.class_names = list(class_names)
+        self.head = head or HeadConfig()
+        self.fix_layer = fix_layer
+        self.template = template
+        self.kd_weight = kd_weight
+        self.kd_target = kd_target
+        self.grad_checkpointing = grad_checkpointing
+
+        freeze(clip)
+        visual = clip.visual
+        for module in (*visual.transformer.resblocks[fix_layer:], visual.ln_post):
+            for p in module.parameters():
+                p.requires_grad_(True)
+        visual.proj.requires_grad_(True)
+
+        self.teacher = nn.ModuleDict({
+            "blocks": copy.deepcopy(visual.transformer.resblocks[fix_layer:]),
+            "ln_post": copy.deepcopy(visual.ln_post),
+        })
+        self.teacher.register_parameter("proj", nn.Parameter(visual.proj.detach().clone()))
+        freeze(self.teacher)
+        # Computed once per run (the text tower is frozen); not part of any checkpoint.
+        self.register_buffer("text_features", fixed_prompt_features(clip, self.prompts), persistent=False)
+
+    @property
+    def prompts(self) -> list[str]:
+        return class_prompts(self.template, self.class_names)
+
+    def train(self, mode: bool = True) -> "EVAModel":
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def class_text_features(self) -> torch.Tensor:
+        return self.text_features
+
+    def _lower(self, images: torch.Tensor) -> torch.Tensor:
+        visual = self.clip.visual
+        with torch.no_grad():
+            x = visual.ln_pre(vision_embed(visual, images))
+            return run_blocks(visual.transformer.resblocks[: self.fix_layer], x)
+
+    def _student(self, x: torch.Tensor) -> torch.Tensor:
+        visual = self.clip.visual
+        x = run_blocks(visual.transformer.resblocks[self.fix_layer:], x, first_index=self.fix_layer,
+                       grad_checkpointing=self.grad_checkpointing)
+        return vision_project(visual, x)
+
+    @torch.no_grad()
+    def _teacher_global(self, x: torch.Tensor) -> torch.Tensor:
+        x = run_blocks(self.teacher["blocks"], x)
+        return self.teacher["ln_post"](x[:, 0]) @ self.teacher.proj
+
+    def forward(
+        self, images: torch.Tensor, labels: torch.Tensor | None = None, text_features: torch.Tensor | None = None
+    ) -> ScoreOutput:
+        """Head scores; with ``labels`` also the loss: CE plus ``kd_weight`` x L1 distance of the
+        global embedding to the teacher's (computed in ``forward`` so DistributedDataParallel sees it)."""
+        lower = self._lower(images)
+        tokens = self._student(lower)
+        text = self.text_features if text_features is None else text_features
+        logits = emotion_scores(tokens[:, 0], tokens[:, 1:], text, self.head)
+        out = ScoreOutput(logits=logits, global_emb=tokens[:, 0], patches=tokens[:, 1:])
+        if labels is None:
+            return out
+        out.loss = F.cross_entropy(logits, labels)
+        out.parts["ce"] = out.loss.detach()
+        if self.kd_weight > 0:
+            student = F.normalize(out.global_emb.float(), dim=-1)
+            teacher = self._teacher_global(lower).float()
+            if self.kd_target == "normalized":
+                teacher = F.normalize(teacher, dim=-1)
+            kd = F.l1_loss(student, teacher)
+            out.parts["kd"] = kd.detach()
+            out.loss = out.loss + self.kd_weight * kd
+        return out
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights stage 1 changes, named as in the CLIP so they overlay the base checkpoint."""
+        return {n: p.detach() for n, p in self.clip.named_parameters() if p.requires_grad}
+
+    def param_groups(self, lr: float, weight_decay: float, layer_decay: float) -> list[dict]:
+        """AdamW groups: block i at ``lr * layer_decay ** (n_blocks - i)``, ``ln_post``/projection at ``lr``;
+        weight decay only on tensors with 2 or more dimensions."""
+        visual = self.clip.visual
+        n_blocks = len(visual.transformer.resblocks)
+        groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+
+        def add(p: nn.Parameter, scale: float) -> None:
+            if p.requires_grad:
+                groups.setdefault((scale, weight_decay if p.ndim >= 2 else 0.0), []).append(p)
+
+        for i, block in enumerate(visual.transformer.resblocks):
+            for p in block.parameters():
+                add(p, layer_decay ** (n_blocks - i))
+        for p in (*visual.ln_post.parameters(), visual.proj):
+            add(p, 1.0)
+        return [
+            {"params": params, "lr": lr * scale, "lr_scale": scale, "weight_decay": wd}
+            for (scale, wd), params in sorted(groups.items(), key=lambda kv: kv[0])
+        ]
