@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from open_clip.model import CLIP
 from torch import nn
 
-from .eva import freeze
 from .head import HeadConfig, ScoreOutput, emotion_scores
 from .prompts import PromptLearner
+from .trainable import freeze
 from .towers import run_blocks, text_encode_embeddings, vision_embed, vision_project
 
 

@@ -33,6 +33,72 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     return run_doctor(args.arch)
 
 
+def _train_config(args: argparse.Namespace):
+    from pathlib import Path
+
+    from .config import dump_config, load_config
+    from .errors import ConfigError
+
+    overrides = list(args.set or [])
+    shortcuts = {"clip": "backbone.path", "init": "backbone.init", "data": "data.root", "device": "run.device",
+                 "precision": "run.precision", "seed": "run.seed", "output_dir": "run.output_dir", "name": "run.name",
+                 "workers": "data.workers"}
+    for attr, key in shortcuts.items():
+        value = getattr(args, attr, None)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    if args.deterministic:
+        overrides.append("run.deterministic=true")
+    if args.resume:
+        if args.config:
+            raise ConfigError("--resume continues a run with its own config.yaml; do not pass --config")
+        saved = Path(args.resume).expanduser() / "config.yaml"
+        if not saved.is_file():
+            raise ConfigError(f"{saved}: not found; --resume takes a run directory made by ceprompt train")
+        cfg = load_config(saved, overrides)
+        if overrides:
+            saved.write_text(dump_config(cfg))
+        return cfg
+    if not args.config:
+        raise ConfigError("give --config (a YAML file or a shipped name such as rafdb_stage1)")
+    return load_config(args.config, overrides)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .engine.train import train
+
+    cfg = _train_config(args)
+    run_dir = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    print(f"run directory: {run_dir}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .engine.eval_job import run_eval
+
+    zero_shot = None
+    if args.zero_shot:
+        overrides = list(args.set or []) + ([f"backbone.path={args.clip}"] if args.clip else [])
+        zero_shot = load_config(args.config, overrides)
+    elif not args.checkpoint:
+        from .errors import ConfigError
+
+        raise ConfigError("give --checkpoint (a .safetensors checkpoint or a run directory), or --zero-shot")
+    run_eval(args.data, checkpoint=None if args.zero_shot else args.checkpoint, zero_shot_config=zero_shot,
+             dataset=args.dataset, split=args.split, out=args.out, overwrite=args.overwrite,
+             batch_size=args.batch_size, workers=args.workers, device=args.device, precision=args.precision,
+             progress=not args.no_progress)
+    return 0
+
+
+def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="autocast precision; auto: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--workers", type=int, help="data loading processes")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ceprompt",
@@ -49,6 +115,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--activation", choices=["auto", "quickgelu", "gelu"], default="auto",
                    help="MLP activation where the file does not record it (auto: QuickGELU, as OpenAI's)")
     p.set_defaults(handler=_cmd_convert)
+
+    p = verbs.add_parser("train", help="train stage 1 (eva) or stage 2 (cat); torchrun for many GPUs")
+    p.add_argument("--config", help="YAML file or shipped name (rafdb_stage1, affectnet7_stage2, ...)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
+    p.add_argument("--clip", help="your CLIP weights (backbone.path)")
+    p.add_argument("--data", help="dataset root (data.root)")
+    p.add_argument("--init", help="stage 2: the stage-1 checkpoint or run directory (backbone.init)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run where it stopped")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--output-dir", help="parent folder of run directories (run.output_dir)")
+    p.add_argument("--name", help="run directory name (run.name)")
+    p.add_argument("--seed", type=int, help="random seed (run.seed)")
+    p.add_argument("--deterministic", action="store_true", help="deterministic algorithms for exact reruns")
+    _add_runtime_args(p)
+    p.set_defaults(handler=_cmd_train)
+
+    p = verbs.add_parser("eval", help="evaluate a checkpoint (or zero-shot CLIP) on a dataset: metrics, "
+                         "confusion matrix, predictions")
+    p.add_argument("--checkpoint", help="checkpoint .safetensors, or a run directory (its best checkpoint)")
+    p.add_argument("--data", required=True, help="dataset root")
+    p.add_argument("--dataset", help="rafdb, affectnet7, affectnet8, ferplus or folder (default: the checkpoint's)")
+    p.add_argument("--split", choices=["test", "train"], default="test")
+    p.add_argument("--out", help="report folder (default runs/eval-<time>)")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty report folder")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--zero-shot", action="store_true", help="plain CLIP with the stage-1 prompts (baseline)")
+    p.add_argument("--config", help="zero-shot: config giving backbone/head/prompt settings")
+    p.add_argument("--clip", help="zero-shot: CLIP weights (backbone.path)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="zero-shot: config override")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_runtime_args(p)
+    p.set_defaults(handler=_cmd_eval, device="auto", precision="auto", workers=4)
 
     p = verbs.add_parser("doctor", help="report versions and devices; round-trip a tiny CLIP through every format")
     p.add_argument("--arch", default="tiny-vit", help="architecture to round-trip (default: tiny-vit)")

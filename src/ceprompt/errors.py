@@ -23,3 +23,7 @@ class ConfigError(CepromptError):
 
 class DataError(CepromptError):
     """A dataset is missing files, holds malformed lines or unreadable images."""
+
+
+class TrainingError(CepromptError):
+    """Training cannot go on (a non-finite loss, for example); the last good checkpoint is kept."""

@@ -18,14 +18,10 @@ from torch import nn
 from .errors import ConfigError
 from .head import HeadConfig, ScoreOutput, emotion_scores
 from .prompts import DEFAULT_TEMPLATE, class_prompts, fixed_prompt_features
+from .trainable import freeze
 from .towers import run_blocks, vision_embed, vision_project
 
 KD_TARGETS = ("normalized", "raw")
-
-
-def freeze(module: nn.Module) -> None:
-    for p in module.parameters():
-        p.requires_grad_(False)
 
 
 class EVAModel(nn.Module):
@@ -66,12 +62,15 @@ class EVAModel(nn.Module):
                 p.requires_grad_(True)
         visual.proj.requires_grad_(True)
 
-        self.teacher = nn.ModuleDict({
-            "blocks": copy.deepcopy(visual.transformer.resblocks[fix_layer:]),
-            "ln_post": copy.deepcopy(visual.ln_post),
-        })
-        self.teacher.register_parameter("proj", nn.Parameter(visual.proj.detach().clone()))
-        freeze(self.teacher)
+        # The teacher is only needed to train with distillation (inference passes kd_weight=0).
+        self.teacher: nn.ModuleDict | None = None
+        if kd_weight > 0:
+            self.teacher = nn.ModuleDict({
+                "blocks": copy.deepcopy(visual.transformer.resblocks[fix_layer:]),
+                "ln_post": copy.deepcopy(visual.ln_post),
+            })
+            self.teacher.register_parameter("proj", nn.Parameter(visual.proj.detach().clone()))
+            freeze(self.teacher)
         # Computed once per run (the text tower is frozen); not part of any checkpoint.
         self.register_buffer("text_features", fixed_prompt_features(clip, self.prompts), persistent=False)
 
@@ -81,7 +80,8 @@ class EVAModel(nn.Module):
 
     def train(self, mode: bool = True) -> "EVAModel":
         super().train(mode)
-        self.teacher.eval()
+        if self.teacher is not None:
+            self.teacher.eval()
         return self
 
     def class_text_features(self) -> torch.Tensor:
@@ -118,7 +118,7 @@ class EVAModel(nn.Module):
             return out
         out.loss = F.cross_entropy(logits, labels)
         out.parts["ce"] = out.loss.detach()
-        if self.kd_weight > 0:
+        if self.teacher is not None:
             student = F.normalize(out.global_emb.float(), dim=-1)
             teacher = self._teacher_global(lower).float()
             if self.kd_target == "normalized":

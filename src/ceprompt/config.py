@@ -1,0 +1,279 @@
+"""One config object for a run: dataclasses built from a YAML file plus dotted ``--set`` overrides.
+
+Defaults are the paper's stage-1 RAF-DB settings (DESIGN.md sections 2-4); the shipped YAML files
+in ``configs/`` state every value that differs per dataset and stage. The resolved config is
+written into each run directory and every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from .errors import ConfigError
+from .prompts import DEFAULT_TEMPLATE
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+STAGES = ("eva", "cat")
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass
+class BackboneConfig:
+    path: str | None = None  # the user's CLIP weights (any format ceprompt reads)
+    arch: str | None = None  # without `path`: random weights of this named architecture (tests, benchmarks)
+    seed: int = 0  # seed of the random weights when `path` is None
+    activation: str = "auto"  # auto (from the file; QuickGELU for plain state dicts), quickgelu or gelu
+    init: str | None = None  # stage 2: the stage-1 checkpoint (.safetensors file or run directory)
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "rafdb"  # rafdb, affectnet7, affectnet8, ferplus or folder
+    root: str | None = None  # dataset root folder, laid out as DESIGN.md section 4 / README describe
+    image_dir: str | None = None  # rafdb: image folder under root (default Image/aligned_224, else Image/aligned)
+    classes: list[str] | None = None  # folder datasets: class order (default: sorted folder names)
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))  # normalisation, stored with checkpoints
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    augment: str | None = None  # rafdb (resize + flip), affectnet (+ affine, erasing) or none; None: dataset's own
+    balanced_sampler: bool | None = None  # draw classes equally (1/count weights); None: dataset's own (AffectNet)
+    workers: int = 4  # data loading processes per GPU/process
+    verify_images: bool = True  # open every image header before training; unreadable files are errors
+    skip_bad_images: bool = False  # leave unreadable images out (listed in the run directory) instead
+    cache_images: bool = False  # keep decoded images in memory (small datasets, many epochs)
+
+
+@dataclass
+class HeadSection:
+    top_k: int = 16  # local score: mean of the k best patch similarities
+    alpha: float = 0.5  # weight of the local score
+    mode: str = "both"  # both, global or local
+    logit_scale: float = 1.0  # scores x this = cross-entropy logits
+
+
+@dataclass
+class EvaConfig:
+    fix_layer: int = 2  # vision blocks below this index stay frozen
+    template: str = DEFAULT_TEMPLATE  # fixed class prompt, {} is the class name
+    kd_weight: float = 1.0  # lambda of the L1 distillation term
+    kd_target: str = "normalized"  # normalized, or raw (reference: unnormalised teacher embedding)
+
+
+@dataclass
+class CatConfig:
+    n_ctx: int = 2  # learnable context vectors
+    ctx_init: str = "a photo of"  # phrase whose first n_ctx tokens initialise them ('' = random)
+    prompt_depth: int = 9  # J: deep prompts before blocks 1..J-1 of both towers
+    invariant_token: bool = False  # an extra learnable class-invariant token before the context
+    vision_prompts: str = "append"  # append (own slots, MaPLe) or overwrite (reference: first patches)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # adamw (stage 1) or sgd (stage 2)
+    lr: float = 1e-4  # peak learning rate (block i of stage 1 gets lr * layer_decay ** (blocks - i))
+    min_lr: float = 1e-8  # end of the cosine decay
+    weight_decay: float = 5e-4  # stage 1: only tensors with >= 2 dims
+    layer_decay: float = 0.65  # stage 1 layer-wise decay
+    momentum: float = 0.9  # sgd only
+    epochs: int = 50
+    warmup_epochs: float = 5  # linear warm-up from 0, per iteration
+    batch_size: int = 128  # effective batch per optimiser step, over all processes and accumulation
+    accum_steps: int = 1  # micro-batches per step (batch_size / (processes * accum_steps) per forward)
+    grad_clip: float | None = None  # max gradient norm, None: no clipping
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs"  # parent of run directories
+    name: str | None = None  # run directory name (default: <dataset>-<stage>-<timestamp>)
+    seed: int = 1  # each process uses seed + rank
+    deterministic: bool = False  # deterministic algorithms, for exact reruns (slower)
+    device: str = "auto"  # auto, cpu, cuda or cuda:N
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16
+    eval_every: int = 1  # epochs between test-set evaluations
+    grad_checkpointing: bool = False  # recompute trainable blocks' activations in backward (less memory)
+    compile: bool = False  # torch.compile the vision blocks
+    progress: bool = True  # progress bars (rank 0 only)
+    final_eval: bool = True  # full evaluation of the best checkpoint at the end (metrics, confusion matrix)
+
+
+@dataclass
+class Config:
+    stage: str = "eva"  # eva (stage 1) or cat (stage 2)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    head: HeadSection = field(default_factory=HeadSection)
+    eva: EvaConfig = field(default_factory=EvaConfig)
+    cat: CatConfig = field(default_factory=CatConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> "Config":
+        checks = [
+            (self.stage in STAGES, f"stage={self.stage!r}; expected one of {STAGES}"),
+            (self.optim.name in ("adamw", "sgd"), f"optim.name={self.optim.name!r}; expected adamw or sgd"),
+            (self.optim.epochs >= 1, f"optim.epochs={self.optim.epochs}; expected >= 1"),
+            (self.optim.lr > 0, f"optim.lr={self.optim.lr}; expected > 0"),
+            (0 <= self.optim.warmup_epochs <= self.optim.epochs,
+             f"optim.warmup_epochs={self.optim.warmup_epochs}; expected 0..optim.epochs"),
+            (self.optim.batch_size >= 1 and self.optim.accum_steps >= 1,
+             "optim.batch_size and optim.accum_steps must be >= 1"),
+            (self.run.precision in ("auto", "fp32", "bf16", "fp16"),
+             f"run.precision={self.run.precision!r}; expected auto, fp32, bf16 or fp16"),
+            (self.backbone.activation in ("auto", "quickgelu", "gelu"),
+             f"backbone.activation={self.backbone.activation!r}; expected auto, quickgelu or gelu"),
+            (len(self.data.mean) == 3 and len(self.data.std) == 3 and all(s > 0 for s in self.data.std),
+             "data.mean and data.std need 3 values each (std > 0)"),
+            (self.run.eval_every >= 1, f"run.eval_every={self.run.eval_every}; expected >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        return self
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check/convert a YAML value to the field's annotated type."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0])
+    if origin is list:
+        (item_type,) = typing.get_args(annotation)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def _merge(obj: Any, data: dict[str, Any], where: str, prefix: str = "") -> None:
+    fields = typing.get_type_hints(type(obj))
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            raise ConfigError(f"{where}: unknown key {dotted!r}; expected one of {sorted(prefix + k for k in fields)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: {dotted!r} must be a mapping of its fields, got {value!r}")
+            _merge(current, value, where, dotted + ".")
+        else:
+            try:
+                setattr(obj, key, _coerce(value, fields[key], dotted))
+            except ConfigError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
+
+
+def resolve_config_path(name: str | os.PathLike) -> Path:
+    """A path as given, or the name of a shipped config (``rafdb_stage1`` or ``rafdb_stage1.yaml``)."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path
+    shipped = CONFIG_DIR / (path.name if path.suffix == ".yaml" else f"{path.name}.yaml")
+    if shipped.is_file() and path.parent == Path("."):
+        return shipped
+    known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+    raise ConfigError(f"{name}: no such config file (shipped configs: {known})")
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read ({exc})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top, got {type(data).__name__}")
+    return data
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``a.b.c=value`` -> ``{"a": {"b": {"c": value}}}``, the value read as YAML (numbers, lists, null)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. optim.lr=2e-4")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {text!r}: malformed key {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    nested: dict[str, Any] = {}
+    node = nested
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return nested
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Defaults, then the YAML file (if any), then each ``KEY=VALUE`` override in order."""
+    cfg = Config()
+    if path is not None:
+        resolved = resolve_config_path(path)
+        _merge(cfg, _read_yaml(resolved), str(resolved))
+    for text in overrides:
+        _merge(cfg, parse_override(text), f"--set {text}")
+    return cfg.validate()
+
+
+def config_from_dict(data: dict[str, Any], where: str = "config") -> Config:
+    cfg = Config()
+    _merge(cfg, data, where)
+    return cfg.validate()
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

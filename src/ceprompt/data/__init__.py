@@ -1,0 +1,1 @@
+"""Datasets, their index format, preprocessing and samplers."""

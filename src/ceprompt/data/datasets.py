@@ -1,0 +1,254 @@
+"""The FER datasets: layouts, class orders, index validation and the torch Dataset.
+
+Layouts (DESIGN.md section 4), all read through the three-file index:
+
+=============  ============================  =========================  ======
+dataset        index files                   image paths relative to    labels
+=============  ============================  =========================  ======
+rafdb          ``EmoLabel/*.txt``            ``Image/aligned_224/``     1..7
+affectnet7     ``affectnet_info/*.txt``      dataset root               0..6
+affectnet8     ``affectnet_info/*_8cls.txt`` dataset root               0..7
+ferplus        ``ferplus_info/*.txt``        dataset root               0..7
+=============  ============================  =========================  ======
+
+plus ``folder``: ``ROOT/train/<class>/*`` and ``ROOT/test/<class>/*``, one folder per class.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from ..errors import DataError
+from .three_files import IMAGES, LABELS, SPLIT, Problems, read_index
+
+log = logging.getLogger(__name__)
+
+RAFDB_CLASSES = ("surprise", "fear", "disgust", "happy", "sad", "anger", "neutral")
+AFFECTNET7_CLASSES = ("neutral", "happy", "sad", "surprise", "fear", "disgust", "anger")
+AFFECTNET8_CLASSES = AFFECTNET7_CLASSES + ("contempt",)
+FERPLUS_CLASSES = ("neutral", "happy", "surprise", "sad", "anger", "disgust", "fear", "contempt")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+@dataclass(frozen=True)
+class DatasetLayout:
+    name: str
+    class_names: tuple[str, ...]
+    info_dir: str  # folder of the three index files, relative to the root
+    files: tuple[str, str, str]  # images, labels, split file names
+    label_offset: int  # file label - offset = class index
+    image_dirs: tuple[str, ...]  # candidate image folders relative to the root; the first that exists is used
+    augment: str  # default augmentation
+    balanced: bool  # class-balanced sampling by default
+
+
+_8CLS = ("images_8cls.txt", "image_class_labels_8cls.txt", "train_test_split_8cls.txt")
+LAYOUTS: dict[str, DatasetLayout] = {
+    "rafdb": DatasetLayout("rafdb", RAFDB_CLASSES, "EmoLabel", (IMAGES, LABELS, SPLIT), 1,
+                           ("Image/aligned_224", "Image/aligned"), "rafdb", False),
+    "affectnet7": DatasetLayout("affectnet7", AFFECTNET7_CLASSES, "affectnet_info", (IMAGES, LABELS, SPLIT), 0,
+                                ("",), "affectnet", True),
+    "affectnet8": DatasetLayout("affectnet8", AFFECTNET8_CLASSES, "affectnet_info", _8CLS, 0,
+                                ("",), "affectnet", True),
+    "ferplus": DatasetLayout("ferplus", FERPLUS_CLASSES, "ferplus_info", (IMAGES, LABELS, SPLIT), 0,
+                             ("",), "rafdb", False),
+}
+DATASET_NAMES = (*LAYOUTS, "folder")
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: str
+    label: int
+
+
+@dataclass
+class Splits:
+    """A dataset read and checked: its class order and its train and test samples."""
+
+    name: str
+    root: Path
+    class_names: list[str]
+    train: list[Sample]
+    test: list[Sample]
+    skipped: list[str] = field(default_factory=list)  # "path: reason" of images left out
+
+
+def default_augment(dataset: str) -> str:
+    return LAYOUTS[dataset].augment if dataset in LAYOUTS else "rafdb"
+
+
+def default_balanced(dataset: str) -> bool:
+    return LAYOUTS[dataset].balanced if dataset in LAYOUTS else False
+
+
+def class_names_of(dataset: str) -> list[str]:
+    if dataset not in LAYOUTS:
+        raise DataError(f"dataset {dataset!r} has no fixed class order; expected one of {list(LAYOUTS)}")
+    return list(LAYOUTS[dataset].class_names)
+
+
+def _image_root(root: Path, layout: DatasetLayout, image_dir: str | None, problems: Problems) -> Path:
+    if image_dir is not None:
+        folder = root / image_dir
+        if not folder.is_dir():
+            problems.add(f"{folder}: image folder not found")
+        return folder
+    for candidate in layout.image_dirs:
+        if (root / candidate).is_dir():
+            return root / candidate
+    wanted = " or ".join(str(root / c) for c in layout.image_dirs)
+    problems.add(f"{wanted}: image folder not found")
+    return root / layout.image_dirs[0]
+
+
+def _index_splits(root: Path, layout: DatasetLayout, image_dir: str | None, problems: Problems) -> Splits:
+    image_root = _image_root(root, layout, image_dir, problems)
+    info = root / layout.info_dir
+    if not info.is_dir():
+        problems.add(f"{info}: index folder not found (expected {', '.join(layout.files)} inside)")
+        return Splits(layout.name, root, list(layout.class_names), [], [])
+    records = read_index(info, layout.files, problems)
+    n_classes = len(layout.class_names)
+    lo, hi = layout.label_offset, layout.label_offset + n_classes - 1
+    train, test = [], []
+    for rec in records:
+        index = rec.label - layout.label_offset
+        if not 0 <= index < n_classes:
+            problems.add(f"{info / layout.files[1]}: id {rec.id!r} has label {rec.label}, outside {lo}..{hi} "
+                         f"for {layout.name} ({n_classes} classes)")
+            continue
+        (train if rec.is_train else test).append(Sample(str(image_root / rec.path), index))
+    return Splits(layout.name, root, list(layout.class_names), train, test)
+
+
+def _folder_splits(root: Path, classes: Sequence[str] | None, problems: Problems) -> Splits:
+    train_dir, test_dir = root / "train", root / "test"
+    for d in (train_dir, test_dir):
+        if not d.is_dir():
+            problems.add(f"{d}: missing (a folder dataset needs train/<class>/ and test/<class>/)")
+    if problems:
+        return Splits("folder", root, list(classes or []), [], [])
+    found = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+    names = list(classes) if classes else found
+    for name in sorted(set(found) - set(names)):
+        problems.add(f"{train_dir / name}: class folder not in data.classes {names}")
+    for name in names:
+        if not (train_dir / name).is_dir():
+            problems.add(f"{train_dir / name}: missing folder for class {name!r}")
+    for d in sorted(p for p in test_dir.iterdir() if p.is_dir()):
+        if d.name not in names:
+            problems.add(f"{d}: test class {d.name!r} has no training folder")
+
+    def collect(split_dir: Path) -> list[Sample]:
+        out = []
+        for index, name in enumerate(names):
+            folder = split_dir / name
+            if folder.is_dir():
+                files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+                out.extend(Sample(str(p), index) for p in files)
+        return out
+
+    return Splits("folder", root, names, collect(train_dir), collect(test_dir))
+
+
+def check_image(path: str) -> str | None:
+    """None if the file opens as an image, else the reason it does not."""
+    try:
+        with Image.open(path) as img:
+            img.verify()
+    except FileNotFoundError:
+        return "missing image file"
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        return f"unreadable image ({exc})"
+    return None
+
+
+def load_splits(
+    dataset: str,
+    root: str | os.PathLike,
+    image_dir: str | None = None,
+    classes: Sequence[str] | None = None,
+    verify_images: bool = True,
+    skip_bad_images: bool = False,
+    workers: int = 8,
+) -> Splits:
+    """Read, validate and split a dataset. Every problem found is listed in one DataError;
+    with ``skip_bad_images`` missing or unreadable images are left out and recorded instead."""
+    root = Path(root).expanduser()
+    if dataset not in DATASET_NAMES:
+        raise DataError(f"data.dataset={dataset!r}; expected one of {list(DATASET_NAMES)}")
+    if not root.is_dir():
+        raise DataError(f"{root}: dataset root folder not found")
+    problems = Problems()
+    if dataset == "folder":
+        splits = _folder_splits(root, classes, problems)
+    else:
+        splits = _index_splits(root, LAYOUTS[dataset], image_dir, problems)
+    problems.raise_if_any(f"dataset {dataset} at {root}")
+    samples = splits.train + splits.test
+    if verify_images:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            reasons = list(pool.map(check_image, [s.path for s in samples]))
+    else:
+        reasons = [None if os.path.exists(s.path) else "missing image file" for s in samples]
+    bad = {s.path: r for s, r in zip(samples, reasons) if r}
+    if bad and not skip_bad_images:
+        for path, reason in bad.items():
+            problems.add(f"{path}: {reason}")
+        problems.raise_if_any(f"dataset {dataset} at {root} (use --skip-bad-images to leave them out)")
+    if bad:
+        splits.train = [s for s in splits.train if s.path not in bad]
+        splits.test = [s for s in splits.test if s.path not in bad]
+        splits.skipped = [f"{p}: {r}" for p, r in bad.items()]
+        log.warning("left out %d unreadable or missing images", len(bad))
+    if not splits.train and not splits.test:
+        raise DataError(f"dataset {dataset} at {root}: no images")
+    return splits
+
+
+def load_rgb(path: str) -> Image.Image:
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
+        raise DataError(f"{path}: cannot decode image ({exc})") from None
+
+
+class FERDataset(Dataset):
+    """Samples as (image tensor, class index, sample index).
+
+    ``resize`` is the deterministic first step (to the model's input size); ``augment`` the rest.
+    With ``cache`` the resized images are decoded once, in the main process, and shared with
+    the loader processes.
+    """
+
+    def __init__(self, samples: Sequence[Sample], resize: Callable, augment: Callable, cache: bool = False,
+                 workers: int = 8) -> None:
+        self.samples = list(samples)
+        self.resize, self.augment = resize, augment
+        self.cache: list[Image.Image] | None = None
+        if cache:
+            with ThreadPoolExecutor(max_workers=max(workers, 1)) as pool:
+                self.cache = list(pool.map(lambda s: self.resize(load_rgb(s.path)), self.samples))
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def labels(self) -> list[int]:
+        return [s.label for s in self.samples]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        sample = self.samples[index]
+        image = self.cache[index] if self.cache is not None else self.resize(load_rgb(sample.path))
+        return self.augment(image), sample.label, index

@@ -1,0 +1,55 @@
+"""Samplers that give every process its share of an epoch, reproducibly from (seed, epoch).
+
+Training shuffles (or, for AffectNet, draws classes equally with replacement) from a generator
+seeded by ``seed + epoch``, identical on every process, and each process takes every
+``world``-th index. A resumed run therefore sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from typing import Iterator, Sequence
+
+import torch
+from torch.utils.data import Sampler
+
+
+class TrainSampler(Sampler[int]):
+    def __init__(self, labels: Sequence[int], balanced: bool = False, world: int = 1, rank: int = 0,
+                 seed: int = 0) -> None:
+        self.labels = list(labels)
+        self.balanced, self.world, self.rank, self.seed = balanced, world, rank, seed
+        self.epoch = 0
+        self.per_rank = math.ceil(len(self.labels) / world)
+        counts = Counter(self.labels)
+        self.weights = torch.tensor([1.0 / counts[y] for y in self.labels], dtype=torch.double)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        total = self.per_rank * self.world
+        if self.balanced:
+            order = torch.multinomial(self.weights, total, replacement=True, generator=g).tolist()
+        else:
+            order = torch.randperm(len(self.labels), generator=g).tolist()
+            order += order[: total - len(order)]  # pad so every process gets the same count
+        return iter(order[self.rank::self.world])
+
+
+class ShardSampler(Sampler[int]):
+    """Evaluation: every index exactly once over all processes, no padding, in order."""
+
+    def __init__(self, n: int, world: int = 1, rank: int = 0) -> None:
+        self.indices = list(range(rank, n, world))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)

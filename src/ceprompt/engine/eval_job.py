@@ -1,0 +1,81 @@
+"""``ceprompt eval``: a trained checkpoint (or zero-shot CLIP) on a dataset split, with a full report."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from ..config import Config
+from ..data.datasets import FERDataset, load_splits
+from ..errors import CheckpointError, ConfigError
+from .build import build_zero_shot, load_trained, preprocess_from_config
+from .evaluate import evaluate, format_metrics, write_report
+from .runtime import setup_runtime, teardown_runtime
+
+log = logging.getLogger(__name__)
+
+
+def _out_dir(out: str | Path | None, overwrite: bool) -> Path:
+    path = Path(out).expanduser() if out else Path("runs") / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise ConfigError(f"{path}: output folder exists and is not empty; pass --overwrite or another --out")
+    return path
+
+
+def run_eval(
+    data_root: str | Path,
+    checkpoint: str | Path | None = None,
+    zero_shot_config: Config | None = None,
+    dataset: str | None = None,
+    split: str = "test",
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    batch_size: int = 64,
+    workers: int = 4,
+    device: str = "auto",
+    precision: str = "auto",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate and write metrics.json, predictions.csv, confusion_matrix.{csv,png}; returns the metrics."""
+    if (checkpoint is None) == (zero_shot_config is None):
+        raise ConfigError("give either a checkpoint or --zero-shot with a backbone")
+    rt = setup_runtime(device, precision)
+    try:
+        if checkpoint is not None:
+            loaded = load_trained(checkpoint)
+            model, class_names, pre = loaded.model, loaded.class_names, loaded.preprocess
+            dataset = dataset or loaded.meta.get("dataset", "rafdb")
+            source = {"checkpoint": str(loaded.path), "stage": loaded.meta["stage"]}
+        else:
+            cfg = zero_shot_config
+            dataset = dataset or cfg.data.dataset
+            class_names = None
+            source = {"zero_shot": True, "backbone": cfg.backbone.path or cfg.backbone.arch}
+        classes = class_names if dataset == "folder" else None
+        splits = load_splits(dataset, data_root, classes=classes, verify_images=False)
+        if checkpoint is None:
+            class_names = splits.class_names
+            built = build_zero_shot(cfg, class_names)
+            model, pre = built.model, preprocess_from_config(cfg, built.spec)
+        if list(splits.class_names) != list(class_names):
+            raise CheckpointError(f"{checkpoint}: trained for classes {class_names} but {dataset} at {data_root} "
+                                  f"has {splits.class_names}")
+        samples = splits.test if split == "test" else splits.train
+        if not samples:
+            raise ConfigError(f"{dataset} at {data_root}: the {split} split is empty")
+        data = FERDataset(samples, pre.resize(), pre.to_tensor())
+        model = model.to(rt.device)
+        out_dir = _out_dir(out, overwrite) if rt.is_main else None
+        metrics, scores = evaluate(model, data, class_names, rt, batch_size, workers, progress)
+        if rt.is_main:
+            extra = {**source, "dataset": dataset, "data_root": str(data_root), "split": split}
+            write_report(out_dir, data, class_names, scores, metrics, extra=extra)
+            log.info("%s %s: %s", dataset, split, format_metrics(metrics))
+            log.info("report written to %s", out_dir)
+            metrics["out_dir"] = str(out_dir)
+        return metrics
+    finally:
+        teardown_runtime(rt)
+

@@ -1,0 +1,390 @@
+"""``ceprompt train``: either stage, on a CPU, one GPU or many (torchrun), with exact resume.
+
+A run directory holds ``config.yaml`` (resolved), ``train.log``, ``summary.csv`` (one row per
+epoch), ``tensorboard/`` (when tensorboard is installed), ``checkpoints/{last,best}.safetensors``
+with JSON sidecars, ``resume.pt`` and, at the end, ``eval/`` (the best checkpoint's full report).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import logging
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from ..config import Config, dump_config
+from ..data.datasets import FERDataset, Splits, default_augment, default_balanced, load_splits
+from ..data.samplers import TrainSampler
+from ..data.transforms import train_augment
+from ..errors import ConfigError, DataError, TrainingError
+from ..io_utils import atomic_write
+from ..trainable import load_trainable
+from .build import BuiltModel, build_for_training, checkpoint_meta, preprocess_from_config
+from .checkpoint import load_resume, read_checkpoint, save_checkpoint, save_resume
+from .evaluate import evaluate, format_metrics, reraise_worker_error, unwrap, write_report
+from .runtime import Runtime, epoch_seed, seed_everything, setup_runtime, teardown_runtime, usable_workers
+from .schedule import apply_lr, lr_at
+
+log = logging.getLogger(__name__)
+SUMMARY_FIELDS = ["epoch", "lr", "train_loss", "train_ce", "train_kd", "train_accuracy", "test_accuracy",
+                  "test_mean_class_accuracy", "test_macro_f1", "epoch_seconds", "train_images_per_second"]
+
+
+def new_run_dir(cfg: Config, rt: Runtime, overwrite: bool) -> Path:
+    """Create the run directory (name chosen by rank 0); never reuse a non-empty one unless asked."""
+    name = cfg.run.name or f"{cfg.data.dataset}-{cfg.stage}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = rt.gather(name)[0]
+    run_dir = Path(cfg.run.output_dir).expanduser() / name
+    error = None
+    if rt.is_main:
+        try:
+            if run_dir.exists() and any(run_dir.iterdir()):
+                if not overwrite:
+                    raise ConfigError(f"{run_dir}: run directory exists and is not empty; choose another "
+                                      "run.name, continue it with --resume, or pass --overwrite")
+                shutil.rmtree(run_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            probe = run_dir / ".write-test"
+            probe.write_bytes(b"0" * 4096)
+            probe.unlink()
+        except OSError as exc:
+            error = f"{run_dir}: cannot write the run directory ({exc.strerror or exc})"
+        except ConfigError as exc:
+            error = str(exc)
+    errors = [e for e in rt.gather(error) if e]
+    if errors:
+        raise ConfigError(errors[0])
+    return run_dir
+
+
+def check_free_space(run_dir: Path, trainable: int, optimizer_copies: int) -> None:
+    """Two checkpoints plus resume state (weights + optimizer moments) must fit before training starts."""
+    need = trainable * 4 * (2 + 1 + optimizer_copies) + (64 << 20)
+    free = shutil.disk_usage(run_dir).free
+    if free < need:
+        raise ConfigError(f"{run_dir}: only {free / 2**20:.0f} MiB free; checkpoints need about "
+                          f"{need / 2**20:.0f} MiB")
+
+
+def load_data(cfg: Config, rt: Runtime) -> Splits:
+    """Rank 0 checks every image; the others read the index once it has passed."""
+    d = cfg.data
+    error, splits = None, None
+    if rt.is_main:
+        try:
+            splits = load_splits(d.dataset, d.root or "", d.image_dir, d.classes, d.verify_images,
+                                 d.skip_bad_images, workers=max(d.workers, 4))
+        except DataError as exc:
+            error = str(exc)
+    shared = rt.gather((error, splits))[0]
+    if shared[0]:
+        raise DataError(shared[0])
+    return shared[1]
+
+
+def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    o = cfg.optim
+    if cfg.stage == "eva":
+        groups = model.param_groups(o.lr, o.weight_decay, o.layer_decay)
+    else:
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr_scale": 1.0,
+                   "weight_decay": o.weight_decay}]
+    if o.name == "adamw":
+        return torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay)
+    return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    ce: float
+    kd: float
+    accuracy: float
+    lr: float
+    seconds: float
+    images_per_second: float
+
+
+class Trainer:
+    def __init__(self, cfg: Config, rt: Runtime, run_dir: Path, resuming: bool) -> None:
+        self.cfg, self.rt, self.run_dir = cfg, rt, run_dir
+        self.splits = load_data(cfg, rt)
+        self.class_names = self.splits.class_names
+        self.built: BuiltModel = build_for_training(cfg, self.class_names)
+        self.model = self.built.model.to(rt.device)
+        self.preprocess = preprocess_from_config(cfg, self.built.spec)
+        d = cfg.data
+        resize = self.preprocess.resize()
+        augment = train_augment(d.augment or default_augment(d.dataset), self.preprocess)
+        self.train_set = FERDataset(self.splits.train, resize, augment, cache=d.cache_images, workers=d.workers)
+        self.test_set = FERDataset(self.splits.test, resize, self.preprocess.to_tensor(), cache=d.cache_images,
+                                   workers=d.workers)
+        if not len(self.train_set):
+            raise DataError(f"dataset {d.dataset} at {d.root}: no training images")
+        o = cfg.optim
+        self.micro_batch = o.batch_size // (rt.world * o.accum_steps)
+        if self.micro_batch * rt.world * o.accum_steps != o.batch_size:
+            raise ConfigError(f"optim.batch_size={o.batch_size} is not divisible by {rt.world} process(es) x "
+                              f"optim.accum_steps={o.accum_steps}")
+        balanced = d.balanced_sampler if d.balanced_sampler is not None else default_balanced(d.dataset)
+        self.sampler = TrainSampler(self.train_set.labels, balanced, rt.world, rt.rank, cfg.run.seed)
+        self.generator = torch.Generator()
+        self.loader = DataLoader(self.train_set, batch_size=self.micro_batch, sampler=self.sampler,
+                                 num_workers=usable_workers(d.workers), pin_memory=rt.device.type == "cuda",
+                                 generator=self.generator, persistent_workers=False)
+        self.optimizer = make_optimizer(cfg, self.model)
+        self.scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.precision == "fp16")
+        self.net: nn.Module = self.model
+        if rt.distributed:
+            self.net = DistributedDataParallel(self.model, device_ids=[rt.device.index] if rt.device.type == "cuda"
+                                               else None, broadcast_buffers=False)
+        self.steps_per_epoch = math.ceil(len(self.loader) / o.accum_steps)
+        self.total_steps = self.steps_per_epoch * o.epochs
+        self.warmup_steps = round(o.warmup_epochs * self.steps_per_epoch)
+        self.start_epoch, self.best_accuracy, self.best_epoch = 0, -1.0, -1
+        self.writer = self._tensorboard() if rt.is_main else None
+        if rt.is_main:
+            trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+            check_free_space(run_dir, trainable, 2 if o.name == "adamw" else 1)
+            log.info("%d training / %d test images, classes %s", len(self.train_set), len(self.test_set),
+                     self.class_names)
+            log.info("stage %s, %s trainable parameters, micro-batch %d x %d process(es) x %d accumulation, "
+                     "%s on %s", cfg.stage, f"{trainable:,}", self.micro_batch, rt.world, o.accum_steps,
+                     rt.precision, rt.device)
+            if self.splits.skipped:
+                (run_dir / "skipped_images.txt").write_text("\n".join(self.splits.skipped) + "\n")
+        if resuming:
+            self._restore()
+
+    def _tensorboard(self):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            return None
+        return SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    def _restore(self) -> None:
+        state = load_resume(self.run_dir)
+        load_trainable(self.model, state["model"], str(self.run_dir / "resume.pt"))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.start_epoch = int(state["epoch"])
+        self.best_accuracy, self.best_epoch = float(state["best_accuracy"]), int(state["best_epoch"])
+        self._truncate_summary(self.start_epoch)
+        log.info("resumed %s after epoch %d (best test accuracy %.4f at epoch %d)", self.run_dir,
+                 self.start_epoch, self.best_accuracy, self.best_epoch)
+
+    def _truncate_summary(self, epochs_done: int) -> None:
+        """Drop rows of an epoch whose state was never saved (killed between the two writes)."""
+        path = self.run_dir / "summary.csv"
+        if not self.rt.is_main or not path.is_file():
+            return
+        with open(path, newline="") as fh:
+            rows = [r for r in csv.DictReader(fh) if int(r["epoch"]) <= epochs_done]
+        self._write_summary(rows)
+
+    def _write_summary(self, rows: list[dict[str, Any]]) -> None:
+        with atomic_write(self.run_dir / "summary.csv") as tmp, open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=SUMMARY_FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def _append_summary(self, row: dict[str, Any]) -> None:
+        path = self.run_dir / "summary.csv"
+        rows = []
+        if path.is_file():
+            with open(path, newline="") as fh:
+                rows = list(csv.DictReader(fh))
+        self._write_summary(rows + [row])
+
+    def _seed_epoch(self, epoch: int) -> None:
+        seed = epoch_seed(self.cfg.run.seed, self.rt.rank, epoch)
+        self.sampler.set_epoch(epoch)
+        self.generator.manual_seed(seed)
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+
+    def train_epoch(self, epoch: int) -> EpochStats:
+        rt, o = self.rt, self.cfg.optim
+        self.net.train()
+        self._seed_epoch(epoch)
+        self.optimizer.zero_grad(set_to_none=True)
+        n_batches = len(self.loader)
+        sums = torch.zeros(5, dtype=torch.float64)  # loss, ce, kd (sample-weighted), correct, seen
+        lr = 0.0
+        bar = tqdm(total=n_batches, disable=not (self.cfg.run.progress and rt.is_main), unit="batch",
+                   desc=f"epoch {epoch + 1}/{o.epochs}", dynamic_ncols=True, leave=False)
+        start = time.perf_counter()
+        try:
+            for i, (images, labels, _) in enumerate(self.loader):
+                step = epoch * self.steps_per_epoch + i // o.accum_steps
+                if i % o.accum_steps == 0:
+                    lr = lr_at(step, self.total_steps, self.warmup_steps, o.lr, o.min_lr)
+                    apply_lr(self.optimizer, lr)
+                    group_start = i
+                group_size = min(o.accum_steps, n_batches - group_start)
+                last_micro = i - group_start == group_size - 1
+                sync = contextlib.nullcontext() if last_micro or not rt.distributed else self.net.no_sync()
+                images = images.to(rt.device, non_blocking=True)
+                labels = labels.to(rt.device, non_blocking=True)
+                with sync:
+                    with rt.autocast():
+                        out = self.net(images, labels)
+                    self._check_finite(out.loss, epoch, i)
+                    self.scaler.scale(out.loss / group_size).backward()
+                if last_micro:
+                    if o.grad_clip:
+                        self.scaler.unscale_(self.optimizer)
+                        nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip)
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                    self.optimizer.zero_grad(set_to_none=True)
+                n = len(labels)
+                sums += torch.tensor([out.loss.item() * n, out.parts["ce"].item() * n,
+                                      out.parts.get("kd", torch.zeros(())).item() * n,
+                                      (out.logits.argmax(1) == labels).sum().item(), n], dtype=torch.float64)
+                bar.update(1)
+                bar.set_postfix_str(f"loss {sums[0] / sums[4]:.4f} "
+                                    f"{sums[4].item() * rt.world / (time.perf_counter() - start):.1f} img/s")
+        except DataError as exc:
+            reraise_worker_error(exc)
+        finally:
+            bar.close()
+        seconds = time.perf_counter() - start
+        loss, ce, kd, correct, seen = rt.sum(sums.tolist())
+        return EpochStats(loss / seen, ce / seen, kd / seen, correct / seen, lr, seconds, seen / seconds)
+
+    def _check_finite(self, loss: torch.Tensor, epoch: int, batch: int) -> None:
+        bad = 0.0 if torch.isfinite(loss).item() else 1.0
+        if self.rt.sum([bad])[0]:
+            raise TrainingError(
+                f"non-finite loss at epoch {epoch + 1}, batch {batch + 1} (optimiser step "
+                f"{epoch * self.steps_per_epoch + batch // self.cfg.optim.accum_steps}); nothing was saved over "
+                f"the last good checkpoint in {self.run_dir / 'checkpoints'}. Try a lower optim.lr or "
+                "run.precision=fp32"
+            )
+
+    def _meta(self, epoch: int, metrics: dict[str, Any] | None) -> dict[str, Any]:
+        summary = None
+        if metrics:
+            summary = {k: metrics[k] for k in ("accuracy", "mean_class_accuracy", "macro_f1", "n")}
+        return checkpoint_meta(self.cfg, self.built, self.class_names, self.preprocess, epoch=epoch,
+                               test_metrics=summary)
+
+    def _save(self, epoch: int, metrics: dict[str, Any] | None) -> None:
+        weights = unwrap(self.model).trainable_state_dict()
+        ckpt = self.run_dir / "checkpoints"
+        meta = self._meta(epoch + 1, metrics)
+        if metrics and metrics["accuracy"] > self.best_accuracy:
+            self.best_accuracy, self.best_epoch = metrics["accuracy"], epoch + 1
+            save_checkpoint(ckpt / "best.safetensors", weights, meta)
+        save_checkpoint(ckpt / "last.safetensors", weights, meta)
+        save_resume(self.run_dir, {
+            "epoch": epoch + 1, "model": weights, "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(), "best_accuracy": self.best_accuracy, "best_epoch": self.best_epoch,
+        })
+
+    def fit(self) -> Path:
+        cfg, rt = self.cfg, self.rt
+        epochs = cfg.optim.epochs
+        for epoch in range(self.start_epoch, epochs):
+            stats = self.train_epoch(epoch)
+            metrics = None
+            if (epoch + 1) % cfg.run.eval_every == 0 or epoch + 1 == epochs:
+                metrics, _ = evaluate(self.net, self.test_set, self.class_names, rt, self.micro_batch,
+                                      cfg.data.workers, cfg.run.progress)
+            if rt.is_main:
+                self._save(epoch, metrics)
+                self._report(epoch, stats, metrics)
+            rt.barrier()
+        if cfg.run.final_eval:
+            self.final_eval()
+        if self.writer is not None:
+            self.writer.close()
+        return self.run_dir
+
+    def _report(self, epoch: int, stats: EpochStats, metrics: dict[str, Any] | None) -> None:
+        row = {"epoch": epoch + 1, "lr": f"{stats.lr:.3e}", "train_loss": f"{stats.loss:.6f}",
+               "train_ce": f"{stats.ce:.6f}", "train_kd": f"{stats.kd:.6f}",
+               "train_accuracy": f"{stats.accuracy:.6f}", "epoch_seconds": f"{stats.seconds:.2f}",
+               "train_images_per_second": f"{stats.images_per_second * self.rt.world:.2f}"}
+        if metrics:
+            row.update(test_accuracy=f"{metrics['accuracy']:.6f}",
+                       test_mean_class_accuracy=f"{metrics['mean_class_accuracy']:.6f}",
+                       test_macro_f1=f"{metrics['macro_f1']:.6f}")
+        self._append_summary(row)
+        test = f"  test {format_metrics(metrics)}  best {self.best_accuracy:.4f}@{self.best_epoch}" if metrics else ""
+        log.info("epoch %d/%d  loss %.4f (ce %.4f kd %.4f)  train acc %.4f  lr %.2e  %.1f img/s  %.0fs%s",
+                 epoch + 1, self.cfg.optim.epochs, stats.loss, stats.ce, stats.kd, stats.accuracy, stats.lr,
+                 stats.images_per_second * self.rt.world, stats.seconds, test)
+        if self.writer is not None:
+            for key in ("loss", "ce", "kd", "accuracy", "lr", "images_per_second"):
+                self.writer.add_scalar(f"train/{key}", getattr(stats, key), epoch + 1)
+            for key in ("accuracy", "mean_class_accuracy", "macro_f1"):
+                if metrics:
+                    self.writer.add_scalar(f"test/{key}", metrics[key], epoch + 1)
+            self.writer.flush()
+
+    def final_eval(self) -> None:
+        """Full report of the best checkpoint on the test split, in ``eval/``."""
+        best = self.run_dir / "checkpoints" / "best.safetensors"
+        chosen = rt_gather_path(self.rt, best if best.is_file() else self.run_dir / "checkpoints" / "last.safetensors")
+        tensors, meta, _ = read_checkpoint(chosen)
+        load_trainable(self.model, tensors, str(chosen))
+        metrics, scores = evaluate(self.net, self.test_set, self.class_names, self.rt, self.micro_batch,
+                                   self.cfg.data.workers, self.cfg.run.progress)
+        if self.rt.is_main:
+            write_report(self.run_dir / "eval", self.test_set, self.class_names, scores, metrics,
+                         extra={"checkpoint": str(chosen), "epoch": meta.get("epoch"), "stage": self.cfg.stage})
+            log.info("best checkpoint (epoch %s): %s", meta.get("epoch"), format_metrics(metrics))
+
+
+def rt_gather_path(rt: Runtime, path: Path) -> Path:
+    return Path(rt.gather(str(path))[0])
+
+
+def _attach_log_file(run_dir: Path) -> logging.Handler:
+    handler = logging.FileHandler(run_dir / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("ceprompt").addHandler(handler)
+    logging.getLogger("ceprompt").setLevel(logging.INFO)
+    return handler
+
+
+def train(cfg: Config, resume: str | Path | None = None, overwrite: bool = False) -> Path:
+    """Run (or continue) a training run; returns its directory."""
+    rt = setup_runtime(cfg.run.device, cfg.run.precision, cfg.run.deterministic)
+    handler = None
+    try:
+        seed_everything(cfg.run.seed + rt.rank)
+        if resume is not None:
+            run_dir = Path(resume).expanduser()
+        else:
+            run_dir = new_run_dir(cfg, rt, overwrite)
+        if rt.is_main:
+            handler = _attach_log_file(run_dir)
+            if resume is None:
+                (run_dir / "config.yaml").write_text(dump_config(cfg))
+            log.info("run directory %s", run_dir)
+        if not rt.is_main:
+            logging.getLogger("ceprompt").setLevel(logging.WARNING)
+        return Trainer(cfg, rt, run_dir, resuming=resume is not None).fit()
+    finally:
+        if handler is not None:
+            logging.getLogger("ceprompt").removeHandler(handler)
+            handler.close()
+        teardown_runtime(rt)

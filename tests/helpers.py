@@ -1,0 +1,58 @@
+"""Small generated datasets in the real directory layouts, for the data and engine tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ceprompt.data.datasets import LAYOUTS
+
+
+def class_image(label: int, n_classes: int, seed: int, size: int = 24) -> Image.Image:
+    """A noisy image whose colour and stripe orientation depend on the class (learnable, not trivial)."""
+    rng = np.random.default_rng(seed)
+    hue = np.array([np.cos(2 * np.pi * label / n_classes), np.sin(2 * np.pi * label / n_classes), 0.5])
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    angle = np.pi * label / n_classes
+    stripes = np.sin(12 * (xx * np.cos(angle) + yy * np.sin(angle)))[..., None]
+    img = 0.5 + 0.25 * hue[None, None, :] + 0.15 * stripes + 0.1 * rng.standard_normal((size, size, 3))
+    return Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8))
+
+
+def write_three_file_dataset(root: Path, dataset: str, n_train: int = 3, n_test: int = 2, size: int = 24) -> Path:
+    """A dataset in ``dataset``'s layout with n_train/n_test images per class."""
+    layout = LAYOUTS[dataset]
+    image_root = root / layout.image_dirs[0]
+    info = root / layout.info_dir
+    info.mkdir(parents=True, exist_ok=True)
+    images, labels, split = [], [], []
+    n_classes = len(layout.class_names)
+    k = 0
+    for label in range(n_classes):
+        for j in range(n_train + n_test):
+            k += 1
+            is_train = j < n_train
+            rel = (f"train_{k:05d}_aligned.jpg" if dataset == "rafdb"
+                   else f"Manually_Annotated_Images/{label}/img_{k:05d}.png")
+            path = image_root / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            class_image(label, n_classes, seed=k, size=size).save(path)
+            images.append(f"{k} {rel}")
+            labels.append(f"{k} {label + layout.label_offset}")
+            split.append(f"{k} {int(is_train)}")
+    for name, lines in zip(layout.files, (images, labels, split)):
+        (info / name).write_text("\n".join(lines) + "\n")
+    return root
+
+
+def write_folder_dataset(root: Path, classes: list[str], n_train: int = 3, n_test: int = 2, size: int = 24) -> Path:
+    for split, n in (("train", n_train), ("test", n_test)):
+        for label, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for j in range(n):
+                class_image(label, len(classes), seed=hash((split, label, j)) % 10_000, size=size).save(
+                    folder / f"{j}.png")
+    return root

@@ -1,0 +1,69 @@
+"""Config files, dotted overrides and their errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ceprompt.config import CONFIG_DIR, Config, config_from_dict, dump_config, load_config
+from ceprompt.errors import ConfigError
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_configs_load_with_paper_values(path: Path) -> None:
+    cfg = load_config(path)
+    if cfg.stage == "eva":
+        o = cfg.optim
+        assert (o.name, o.lr, o.epochs, o.warmup_epochs, o.batch_size, o.layer_decay, o.weight_decay) == \
+            ("adamw", 1e-4, 50, 5, 128, 0.65, 5e-4)
+        assert (cfg.eva.fix_layer, cfg.eva.kd_weight) == (2, 1.0)
+    else:
+        o = cfg.optim
+        assert (o.name, o.lr, o.momentum, o.epochs, o.warmup_epochs) == ("sgd", 2e-3, 0.9, 10, 2)
+        assert (cfg.cat.n_ctx, cfg.cat.prompt_depth, cfg.cat.vision_prompts) == (2, 9, "append")
+    assert (cfg.head.top_k, cfg.head.alpha) == (16, 0.5)
+    assert cfg.data.balanced_sampler is (cfg.data.dataset.startswith("affectnet") or None)
+
+
+def test_overrides_and_round_trip(tmp_path: Path) -> None:
+    cfg = load_config("rafdb_stage1", ["optim.lr=2e-4", "data.mean=[0.5, 0.5, 0.5]", "run.name=abc",
+                                       "backbone.path=/x/ViT-B-16.pt", "optim.grad_clip=null"])
+    assert (cfg.optim.lr, cfg.data.mean, cfg.run.name, cfg.backbone.path) == (2e-4, [0.5] * 3, "abc", "/x/ViT-B-16.pt")
+    (tmp_path / "c.yaml").write_text(dump_config(cfg))
+    assert load_config(tmp_path / "c.yaml") == cfg
+    assert config_from_dict(yaml.safe_load(dump_config(cfg))) == cfg
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr=fast", "optim.lr: expected a number, got 'fast'"),
+    ("optim.epochs=2.5", "optim.epochs: expected an integer"),
+    ("optim.speed=3", "unknown key 'optim.speed'"),
+    ("stage=3", "stage='3'; expected one of"),
+    ("run.deterministic=maybe", "run.deterministic: expected true or false"),
+    ("noequals", "expected KEY=VALUE"),
+    ("optim=5", "'optim' must be a mapping"),
+    ("data.std=[1, 0, 1]", "data.mean and data.std"),
+])
+def test_bad_overrides(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        load_config(None, [override])
+
+
+def test_bad_yaml_names_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text("stage: eva\noptim:\n  lr: [1e-4\n")
+    with pytest.raises(ConfigError, match=r"broken.yaml:\d+: invalid YAML"):
+        load_config(path)
+    path.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_defaults_are_paper_stage1() -> None:
+    cfg = Config()
+    assert cfg.eva.template == "a photo of a {} facial expression, a type of facial expression."
+    assert cfg.data.mean == [0.485, 0.456, 0.406]
