@@ -92,6 +92,30 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo.run import format_table, run_demo
+
+    results = run_demo(args.out, quick=args.quick, seed=args.seed, overwrite=args.overwrite, workers=args.workers,
+                       progress=not args.no_progress)
+    print(format_table(results))
+    print(f"report: {results['runs']['stage2'].rsplit('/', 1)[0]}/report  ({results['seconds']['total']:.0f} s)")
+    return 0
+
+
+def _cmd_make_demo_data(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .demo.faces import write_rafdb_dataset
+    from .errors import ConfigError
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"{out}: exists and is not empty; choose another folder")
+    write_rafdb_dataset(out, args.n_train, args.n_test, seed=args.seed, size=args.size, workers=args.workers)
+    print(f"wrote {args.n_train} training and {args.n_test} test faces in the RAF-DB layout to {out}")
+    return 0
+
+
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
@@ -147,6 +171,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_runtime_args(p)
     p.set_defaults(handler=_cmd_eval, device="auto", precision="auto", workers=4)
+
+    p = verbs.add_parser("demo", help="the whole method on generated faces and a small CLIP, on a CPU")
+    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    p.add_argument("--quick", action="store_true", help="smaller data and shorter training (about 2 minutes)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--workers", type=int, default=2, help="processes for data generation and loading")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(handler=_cmd_demo)
+
+    p = verbs.add_parser("make-demo-data", help="write generated expression faces in the RAF-DB layout")
+    p.add_argument("out", help="output folder (must be new or empty)")
+    p.add_argument("--n-train", type=int, default=2100)
+    p.add_argument("--n-test", type=int, default=700)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=64, help="image side in pixels")
+    p.add_argument("--workers", type=int, default=2)
+    p.set_defaults(handler=_cmd_make_demo_data)
 
     p = verbs.add_parser("doctor", help="report versions and devices; round-trip a tiny CLIP through every format")
     p.add_argument("--arch", default="tiny-vit", help="architecture to round-trip (default: tiny-vit)")

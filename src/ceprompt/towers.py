@@ -67,10 +67,17 @@ def text_encode_embeddings(
     hook: BlockHook | None = None,
 ) -> torch.Tensor:
     """Text tower from word embeddings on: positional embedding, causal blocks, ``ln_final``,
-    the end-of-text token (highest id in each row), text projection. (C, L, width) -> (C, embed)."""
-    x = embeddings + clip.positional_embedding.to(embeddings.dtype)
-    x = run_blocks(clip.transformer.resblocks, x, attn_mask=clip.attn_mask, hook=hook)
+    the end-of-text token (highest id in each row), text projection. (C, L, width) -> (C, embed).
+
+    Positions after the last end-of-text token are dropped first: under the causal mask they
+    cannot affect it, and prompts fill a fraction of the 77-token context (3-4x less work).
+    """
+    eot_index = token_ids.argmax(dim=-1)
+    length = int(eot_index.max()) + 1
+    x = embeddings[:, :length] + clip.positional_embedding[:length].to(embeddings.dtype)
+    mask = clip.attn_mask[:length, :length] if clip.attn_mask is not None else None
+    x = run_blocks(clip.transformer.resblocks, x, attn_mask=mask, hook=hook)
     x = clip.ln_final(x)
-    eot = x[torch.arange(x.shape[0], device=x.device), token_ids.argmax(dim=-1)]
+    eot = x[torch.arange(x.shape[0], device=x.device), eot_index]
     projection = clip.text_projection
     return projection(eot) if isinstance(projection, nn.Linear) else eot @ projection

@@ -1,0 +1,61 @@
+"""The demo's report folder: results table, confusion matrix, training curves, example predictions."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from ..plots import plot_curves  # noqa: E402
+
+
+def plot_examples(predictions_csv: Path, path: Path, n: int = 21, columns: int = 7) -> Path:
+    """Test faces with true and predicted labels (green when right, red when wrong)."""
+    with open(predictions_csv, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    # spread over the classes: take rows in turn from each true class
+    by_class: dict[str, list[dict[str, str]]] = {}
+    for row in rows:
+        by_class.setdefault(row["true"], []).append(row)
+    picked: list[dict[str, str]] = []
+    while len(picked) < min(n, len(rows)):
+        for group in by_class.values():
+            if group and len(picked) < n:
+                picked.append(group.pop(0))
+    n_rows = (len(picked) + columns - 1) // columns
+    fig, axes = plt.subplots(n_rows, columns, figsize=(1.9 * columns, 2.2 * n_rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, row in zip(axes.flat, picked):
+        ax.imshow(Image.open(row["path"]).convert("RGB"))
+        right = row["true"] == row["predicted"]
+        ax.set_title(f"true {row['true']}\npred {row['predicted']}", fontsize=9,
+                     color="darkgreen" if right else "firebrick")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_demo_report(folder: Path, results: dict[str, Any], run1: Path, run2: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    lines = ["| step | accuracy | macro-F1 |", "|---|---|---|"]
+    lines += [f"| {r['step']} | {r['accuracy']:.3f} | {r['macro_f1']:.3f} |" for r in results["rows"]]
+    lines += [f"| chance | {results['chance']:.3f} | |", "",
+              f"{results['n_train']} training and {results['n_test']} test images; "
+              f"seconds per step: {results['seconds']}"]
+    (folder / "results.md").write_text("\n".join(lines) + "\n")
+    shutil.copy(run2 / "eval" / "confusion_matrix.png", folder / "confusion_matrix.png")
+    plot_curves({"stage 1 (EVA)": run1 / "summary.csv", "stage 2 (CAT)": run2 / "summary.csv"},
+                folder / "training_curves.png")
+    plot_examples(run2 / "eval" / "predictions.csv", folder / "examples.png")
+    return folder

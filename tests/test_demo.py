@@ -1,0 +1,51 @@
+"""The embedded default: generated faces in the RAF-DB layout, and the quick demo learning end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from PIL import Image
+
+from ceprompt.cli import main
+from ceprompt.data.datasets import RAFDB_CLASSES, load_splits
+from ceprompt.demo.faces import generate, write_rafdb_dataset
+
+
+def test_generated_dataset_uses_rafdb_layout(tmp_path: Path) -> None:
+    root = write_rafdb_dataset(tmp_path / "faces", n_train=14, n_test=7, seed=3, size=48)
+    assert sorted(p.name for p in (root / "EmoLabel").iterdir()) == [
+        "image_class_labels.txt", "images.txt", "train_test_split.txt"]
+    splits = load_splits("rafdb", root)
+    assert len(splits.train) == 14 and len(splits.test) == 7
+    assert sorted(s.label for s in splits.test) == list(range(7))
+    assert Image.open(splits.train[0].path).size == (48, 48)
+    # labels in the file are RAF-DB's 1..7
+    labels = {line.split()[1] for line in (root / "EmoLabel" / "image_class_labels.txt").read_text().splitlines()}
+    assert labels == {str(i) for i in range(1, 8)}
+
+
+def test_generator_is_reproducible_and_captions_never_name_emotions() -> None:
+    a, b = generate(21, seed=5, size=32), generate(21, seed=5, size=32, workers=2)
+    assert [f.caption for f in a] == [f.caption for f in b]
+    assert all(x.image.tobytes() == y.image.tobytes() for x, y in zip(a, b))
+    words = {w.strip(",;.") for f in generate(350, seed=9, size=32) for w in f.caption.split()}
+    assert not words & set(RAFDB_CLASSES) and not words & {"happiness", "angry", "sadness", "fearful"}
+    assert len({f.attributes for f in a}) > 7  # appearance varies within a class
+
+
+def test_quick_demo_learns_beyond_zero_shot(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("CEPROMPT_CACHE", str(tmp_path / "cache"))  # builds its own demo CLIP
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
+    results = json.loads((out / "report" / "results.json").read_text())
+    zero_shot, stage1, stage2 = (row["accuracy"] for row in results["rows"])
+    chance = results["chance"]
+    assert stage1 > 2 * chance and stage2 > 2 * chance, results["rows"]
+    assert stage1 > zero_shot + 0.1 and stage2 > zero_shot + 0.1, results["rows"]
+    # the table's numbers are the runs' own evaluations
+    assert stage2 == json.loads((out / "stage2" / "eval" / "metrics.json").read_text())["accuracy"]
+    for name in ("confusion_matrix.png", "training_curves.png", "examples.png"):
+        with Image.open(out / "report" / name) as img:
+            assert img.size[0] > 400 and img.size[1] > 200
+    assert list((tmp_path / "cache" / "demo").glob("clip-demo-vit-*.safetensors"))
