@@ -3,3 +3,10 @@
 from __future__ import annotations
 
 __version__ = "0.1.0"
+
+
+def load(checkpoint, device: str = "auto", precision: str = "auto", **kwargs):  # type: ignore[no-untyped-def]
+    """A recognizer for a trained checkpoint (file or run directory); see :mod:`ceprompt.api`."""
+    from .api import load as _load
+
+    return _load(checkpoint, device=device, precision=precision, **kwargs)

@@ -116,6 +116,47 @@ def _cmd_make_demo_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from .api import load
+    from .predict_job import run_predict
+
+    rec = load(args.checkpoint, device=args.device, precision=args.precision, detector_threshold=args.threshold,
+               min_face_size=args.min_face)
+    failed = run_predict(rec, args.inputs, output=args.output, fmt=args.format, detect=args.detect,
+                         annotate_dir=args.annotate, explain_dir=args.explain, video_stride=args.video_stride,
+                         batch_size=args.batch_size, overwrite=args.overwrite, progress=not args.no_progress)
+    if failed:
+        print(f"ceprompt predict: {failed} file(s) failed; see the error column", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .export_onnx import export_onnx
+
+    check = export_onnx(args.checkpoint, args.out, overwrite=args.overwrite)
+    print(f"wrote {args.out} (onnxruntime vs PyTorch: max difference {check['max_abs_diff']:.1e})")
+    return 0
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from .prepare import prepare
+
+    summary = prepare(args.dataset, args.src, args.dst, align=args.align, skip_bad_rows=args.skip_bad_rows,
+                      overwrite=args.overwrite, valid_as=args.valid, device=args.device or "cpu",
+                      progress=not args.no_progress)
+    print(f"{summary['dataset']}: {summary['train']} training and {summary['test']} test images indexed in "
+          f"{summary['destination']}")
+    for reason, count in summary["left_out"].items():
+        print(f"  left out by the protocol: {count} ({reason})")
+    if summary["skipped_rows"]:
+        print(f"  skipped {len(summary['skipped_rows'])} malformed row(s):")
+        for line in summary["skipped_rows"]:
+            print(f"    {line}")
+    for note in summary["alignment_notes"]:
+        print(f"  {note}")
+    return 0
+
+
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
@@ -171,6 +212,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_runtime_args(p)
     p.set_defaults(handler=_cmd_eval, device="auto", precision="auto", workers=4)
+
+    p = verbs.add_parser("predict", help="expressions of every face in images, folders and videos")
+    p.add_argument("checkpoint", help="checkpoint .safetensors or run directory")
+    p.add_argument("inputs", nargs="+", metavar="PATH", help="images, videos or folders (searched recursively)")
+    p.add_argument("--output", "-o", default="-", help="CSV or .jsonl file (default: CSV on stdout)")
+    p.add_argument("--format", choices=["csv", "jsonl"], help="default: from the output's suffix, else csv")
+    p.add_argument("--detect", choices=["mtcnn", "none"], default="mtcnn",
+                   help="find faces with MTCNN (default) or take each image as one face crop")
+    p.add_argument("--annotate", metavar="DIR", help="write images/videos with boxes and labels here")
+    p.add_argument("--explain", metavar="DIR", help="write a heat map of the evidence per face here")
+    p.add_argument("--video-stride", type=int, default=5, help="classify every N-th video frame (default 5)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--threshold", type=float, default=0.9, help="face detector confidence threshold")
+    p.add_argument("--min-face", type=int, default=20, help="smallest face side in pixels")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--no-progress", action="store_true")
+    _add_runtime_args(p)
+    p.set_defaults(handler=_cmd_predict, device="auto", precision="auto")
+
+    p = verbs.add_parser("export", help="export a trained model (onnx)")
+    p.add_argument("format", choices=["onnx"])
+    p.add_argument("checkpoint", help="checkpoint .safetensors or run directory")
+    p.add_argument("out", help="output file ending in .onnx (a .json description is written beside it)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(handler=_cmd_export)
+
+    p = verbs.add_parser("prepare", help="convert an official dataset distribution to ceprompt's index files")
+    p.add_argument("dataset", choices=["rafdb", "affectnet", "ferplus"])
+    p.add_argument("src", help="the dataset as distributed")
+    p.add_argument("dst", help="where the index (and aligned faces) go; may be SRC itself")
+    p.add_argument("--align", action="store_true", help="re-cut every face with MTCNN (needs ceprompt[face])")
+    p.add_argument("--skip-bad-rows", action="store_true", help="leave malformed rows out instead of failing")
+    p.add_argument("--valid", choices=["skip", "train", "test"], default="skip",
+                   help="FERPlus PublicTest rows: leave out (default), or add to train or test")
+    p.add_argument("--overwrite", action="store_true", help="replace existing index files")
+    p.add_argument("--device", help="device for --align (cpu or cuda)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(handler=_cmd_prepare)
 
     p = verbs.add_parser("demo", help="the whole method on generated faces and a small CLIP, on a CPU")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")

@@ -49,3 +49,29 @@ def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], class_n
         "confusion_matrix": cm.tolist(),
         "class_names": list(class_names),
     }
+
+
+def fit_temperature(scores: np.ndarray, labels: Sequence[int]) -> dict[str, float]:
+    """Temperature scaling (Guo et al., 2017): the T minimising the NLL of softmax(T x scores).
+
+    CEPrompt's scores are cosine-based and lie in [-1, 1]; a softmax of them is almost flat.
+    T turns them into usable probabilities without changing any prediction.
+    """
+    import torch
+
+    s = torch.as_tensor(scores, dtype=torch.float64)
+    y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=200, line_search_fn="strong_wolfe")
+
+    def nll() -> torch.Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(s * log_t.exp(), y)
+        loss.backward()
+        return loss
+
+    before = torch.nn.functional.cross_entropy(s, y).item()
+    opt.step(nll)
+    t = float(log_t.detach().exp().clamp(1e-2, 1e4))
+    after = torch.nn.functional.cross_entropy(s * t, y).item()
+    return {"temperature": t, "nll_at_1": before, "nll": after}

@@ -31,6 +31,7 @@ from ..data.samplers import TrainSampler
 from ..data.transforms import train_augment
 from ..errors import ConfigError, DataError, TrainingError
 from ..io_utils import atomic_write
+from ..metrics import fit_temperature
 from ..trainable import load_trainable
 from .build import BuiltModel, build_for_training, checkpoint_meta, preprocess_from_config
 from .checkpoint import load_resume, read_checkpoint, save_checkpoint, save_resume
@@ -348,9 +349,14 @@ class Trainer:
         metrics, scores = evaluate(self.net, self.test_set, self.class_names, self.rt, self.micro_batch,
                                    self.cfg.data.workers, self.cfg.run.progress)
         if self.rt.is_main:
+            calibration = {**fit_temperature(scores, self.test_set.labels), "fit_on": "test split"}
+            save_checkpoint(chosen, tensors, {**meta, "calibration": calibration})
             write_report(self.run_dir / "eval", self.test_set, self.class_names, scores, metrics,
-                         extra={"checkpoint": str(chosen), "epoch": meta.get("epoch"), "stage": self.cfg.stage})
+                         extra={"checkpoint": str(chosen), "epoch": meta.get("epoch"), "stage": self.cfg.stage,
+                                "calibration": calibration})
             log.info("best checkpoint (epoch %s): %s", meta.get("epoch"), format_metrics(metrics))
+            log.info("probability temperature %.2f (NLL %.3f, %.3f at 1)", calibration["temperature"],
+                     calibration["nll"], calibration["nll_at_1"])
 
 
 def rt_gather_path(rt: Runtime, path: Path) -> Path:

@@ -1,0 +1,164 @@
+"""The Python API: load a trained checkpoint, recognise the expression of every face in an image.
+
+    import ceprompt
+    rec = ceprompt.load("runs/rafdb-stage2")           # a run directory or a .safetensors checkpoint
+    for face in rec.predict("group_photo.jpg"):         # path, PIL image or numpy array
+        print(face.box, face.label, face.probabilities)
+
+Faces are found by MTCNN (``pip install 'ceprompt[face]'``) and cut by the same policy as the
+training crops (:mod:`ceprompt.faces`); ``detect="none"`` takes each image as one face crop.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .data.datasets import load_rgb
+from .engine.build import LoadedModel, load_trained
+from .engine.runtime import resolve_device, resolve_precision
+from .errors import ConfigError
+from .faces import DEFAULT_EXPAND, DetectedFace, FaceDetector, align_face, to_pil, whole_image_face
+from .head import patch_class_similarity
+
+ImageInput = str | os.PathLike | Image.Image | np.ndarray
+DETECT_MODES = ("mtcnn", "none")
+
+
+@dataclass
+class FaceResult:
+    """One face: where it is and what expression it shows."""
+
+    box: tuple[float, float, float, float]  # x0, y0, x1, y1 in the input image's pixels
+    landmarks: list[tuple[float, float]] | None  # eyes, nose, mouth corners (MTCNN); None without detection
+    detector_confidence: float | None
+    label: str  # the most probable class
+    score: float  # its probability
+    probabilities: dict[str, float]  # every class, summing to 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Explanation:
+    face: FaceResult
+    crop: Image.Image  # the face as the model saw it
+    heatmap: np.ndarray  # (grid, grid) patch similarity to the predicted class, in [0, 1]
+    top_patches: list[int]  # indices of the top-k patches behind the local score
+
+
+class Recognizer:
+    """A trained CEPrompt model with its preprocessing, ready for images."""
+
+    def __init__(self, loaded: LoadedModel, device: str = "auto", precision: str = "auto",
+                 detector_threshold: float = 0.9, min_face_size: int = 20, expand: float = DEFAULT_EXPAND) -> None:
+        self.device = resolve_device(device)
+        self.precision = resolve_precision(precision, self.device)
+        self.model = loaded.model.to(self.device).eval()
+        self.meta = loaded.meta
+        self.checkpoint = loaded.path
+        self.class_names = loaded.class_names
+        self.preprocess = loaded.preprocess
+        self.expand = expand
+        self.temperature = float((self.meta.get("calibration") or {}).get("temperature", 1.0))
+        self._to_tensor = self.preprocess.to_tensor()
+        self._resize = self.preprocess.resize()
+        self._detector: FaceDetector | None = None
+        self._detector_args = (detector_threshold, min_face_size)
+        with torch.no_grad(), self._autocast():
+            self.text_features = self.model.class_text_features().float()  # once, not per image
+
+    def _autocast(self):
+        from .engine.runtime import Runtime
+
+        return Runtime(self.device, self.precision).autocast()
+
+    @property
+    def detector(self) -> FaceDetector:
+        if self._detector is None:
+            threshold, min_size = self._detector_args
+            self._detector = FaceDetector(str(self.device), min_face_size=min_size, threshold=threshold)
+        return self._detector
+
+    def find_faces(self, image: Image.Image, detect: str = "mtcnn") -> list[tuple[DetectedFace, Image.Image]]:
+        """Detected faces with their model-ready crops (empty when no face is found)."""
+        if detect not in DETECT_MODES:
+            raise ConfigError(f"detect={detect!r}; expected one of {DETECT_MODES}")
+        if detect == "none":
+            return [(whole_image_face(image), self._resize(image))]
+        size = self.preprocess.image_size
+        return [(f, align_face(image, f.box, f.landmarks, size, self.expand)) for f in self.detector.detect(image)]
+
+    @torch.no_grad()
+    def _score(self, crops: Sequence[Image.Image]) -> tuple[np.ndarray, torch.Tensor]:
+        batch = torch.stack([self._to_tensor(c) for c in crops]).to(self.device)
+        with self._autocast():
+            out = self.model(batch, text_features=self.text_features)
+        return out.logits.float().cpu().numpy(), out.patches.float().cpu()
+
+    def _results(self, faces: Sequence[DetectedFace], scores: np.ndarray) -> list[FaceResult]:
+        logits = scores * self.temperature
+        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probs /= probs.sum(axis=1, keepdims=True)
+        results = []
+        for face, p in zip(faces, probs):
+            best = int(p.argmax())
+            results.append(FaceResult(
+                box=tuple(round(v, 2) for v in face.box), landmarks=face.landmarks,
+                detector_confidence=face.confidence, label=self.class_names[best], score=float(p[best]),
+                probabilities={c: float(v) for c, v in zip(self.class_names, p)},
+            ))
+        return results
+
+    def predict(self, image: ImageInput, detect: str = "mtcnn") -> list[FaceResult]:
+        """One record per face found in ``image``, largest face first; [] when there is none."""
+        return self.predict_batch([image], detect=detect)[0]
+
+    def predict_batch(self, images: Iterable[ImageInput], detect: str = "mtcnn", batch_size: int = 32
+                      ) -> list[list[FaceResult]]:
+        """:meth:`predict` for many images, with the face crops classified in batches."""
+        found = [self.find_faces(self.load_image(img), detect) for img in images]
+        flat = [(i, face, crop) for i, faces in enumerate(found) for face, crop in faces]
+        results: list[list[FaceResult]] = [[] for _ in found]
+        for start in range(0, len(flat), batch_size):
+            chunk = flat[start:start + batch_size]
+            scores, _ = self._score([crop for _, _, crop in chunk])
+            for (i, _, _), result in zip(chunk, self._results([f for _, f, _ in chunk], scores)):
+                results[i].append(result)
+        return results
+
+    def explain(self, image: ImageInput, detect: str = "mtcnn") -> list[Explanation]:
+        """Per face: how much each patch resembles the predicted class (the local score's evidence)."""
+        faces = self.find_faces(self.load_image(image), detect)
+        if not faces:
+            return []
+        crops = [crop for _, crop in faces]
+        scores, patches = self._score(crops)
+        results = self._results([f for f, _ in faces], scores)
+        sim = patch_class_similarity(patches, self.text_features.cpu())  # (faces, N, C)
+        grid = int(round(sim.shape[1] ** 0.5))
+        k = min(self.model.head.top_k, sim.shape[1])
+        out = []
+        for j, (result, crop) in enumerate(zip(results, crops)):
+            s = sim[j, :, self.class_names.index(result.label)]
+            heat = ((s - s.min()) / (s.max() - s.min() + 1e-8)).reshape(grid, grid).numpy()
+            out.append(Explanation(result, crop, heat, s.topk(k).indices.tolist()))
+        return out
+
+    @staticmethod
+    def load_image(image: ImageInput) -> Image.Image:
+        if isinstance(image, (str, os.PathLike)):
+            return load_rgb(str(image))
+        return to_pil(image)
+
+
+def load(checkpoint: str | os.PathLike, device: str = "auto", precision: str = "auto", **kwargs: Any) -> Recognizer:
+    """A :class:`Recognizer` for a checkpoint file or run directory (its best checkpoint)."""
+    return Recognizer(load_trained(Path(checkpoint)), device=device, precision=precision, **kwargs)

@@ -1,0 +1,217 @@
+"""``ceprompt predict``: expressions of every face in images, folders and videos.
+
+Output: one row per face (CSV or JSON lines): path, frame (videos), face index, box, label, score,
+one probability per class, detector confidence, and an ``error`` column. A file that cannot be
+read gets one row with its error and the run goes on; the exit status is 1 if any file failed.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Iterator, Sequence
+
+from PIL import Image
+from tqdm import tqdm
+
+from .api import FaceResult, Recognizer
+from .drawing import annotate, explanation_image, save_png
+from .errors import CepromptError, ConfigError
+
+log = logging.getLogger(__name__)
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
+VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v"}
+
+
+def expand_inputs(paths: Sequence[str]) -> list[Path]:
+    """Files as given (any suffix: unsupported ones become error rows) and folders, recursively."""
+    out: list[Path] = []
+    for raw in paths:
+        p = Path(raw).expanduser()
+        if p.is_dir():
+            out.extend(sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES))
+        else:
+            out.append(p)
+    return out
+
+
+@dataclass
+class Row:
+    path: str
+    frame: int | None
+    face: int | None
+    result: FaceResult | None
+    error: str = ""
+
+
+class Writer:
+    """CSV or JSON lines, to a file or stdout."""
+
+    def __init__(self, fh: IO[str], fmt: str, class_names: Sequence[str]) -> None:
+        self.fh, self.fmt, self.class_names = fh, fmt, list(class_names)
+        self.columns = ["path", "frame", "face", "x0", "y0", "x1", "y1", "label", "score",
+                        *[f"prob_{c}" for c in self.class_names], "detector_confidence", "error"]
+        self.csv = csv.writer(fh) if fmt == "csv" else None
+        if self.csv:
+            self.csv.writerow(self.columns)
+
+    def write(self, row: Row) -> None:
+        r = row.result
+        record: dict[str, Any] = {"path": row.path, "frame": row.frame, "face": row.face}
+        if r is not None:
+            record.update(zip(("x0", "y0", "x1", "y1"), r.box))
+            record.update(label=r.label, score=round(r.score, 6))
+            record.update({f"prob_{c}": round(r.probabilities[c], 6) for c in self.class_names})
+            record["detector_confidence"] = None if r.detector_confidence is None else round(r.detector_confidence, 6)
+        record["error"] = row.error
+        if self.csv:
+            self.csv.writerow(["" if record.get(c) is None else record.get(c) for c in self.columns])
+        else:
+            if r is not None:
+                record["landmarks"] = r.landmarks
+            self.fh.write(json.dumps(record) + "\n")
+        self.fh.flush()
+
+
+def _video_frames(path: Path, stride: int) -> Iterator[tuple[int, Image.Image, bool]]:
+    """(index, frame, sampled) for every frame; ``sampled`` marks every ``stride``-th one."""
+    try:
+        import av
+    except ImportError:
+        raise CepromptError("reading videos needs PyAV: pip install 'ceprompt[video]'") from None
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise CepromptError("no video stream")
+            for i, frame in enumerate(container.decode(video=0)):
+                yield i, frame.to_image(), i % stride == 0
+    except CepromptError:
+        raise
+    except Exception as exc:  # PyAV raises its own error types for undecodable input
+        raise CepromptError(f"cannot decode video ({str(exc).splitlines()[0][:160]})") from None
+
+
+class VideoWriter:
+    def __init__(self, path: Path, fps: float = 25.0) -> None:
+        import av
+
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.container = av.open(str(path), mode="w")
+        self.stream = None
+        self.fps = fps
+
+    def write(self, image: Image.Image) -> None:
+        import av
+
+        if self.stream is None:
+            self.stream = self.container.add_stream("mpeg4", rate=round(self.fps))
+            self.stream.width, self.stream.height = image.width - image.width % 2, image.height - image.height % 2
+            self.stream.pix_fmt = "yuv420p"
+        frame = av.VideoFrame.from_image(image.crop((0, 0, self.stream.width, self.stream.height)))
+        for packet in self.stream.encode(frame):
+            self.container.mux(packet)
+
+    def close(self) -> None:
+        if self.stream is not None:
+            for packet in self.stream.encode():
+                self.container.mux(packet)
+        self.container.close()
+
+
+def _stem(root_index: int, path: Path) -> str:
+    return f"{root_index:05d}_{path.stem}"
+
+
+def run_predict(rec: Recognizer, inputs: Sequence[str], output: str = "-", fmt: str | None = None,
+                detect: str = "mtcnn", annotate_dir: str | None = None, explain_dir: str | None = None,
+                video_stride: int = 5, batch_size: int = 32, overwrite: bool = False, progress: bool = True) -> int:
+    """Predict over ``inputs``; returns the number of files that failed."""
+    if video_stride < 1:
+        raise ConfigError(f"--video-stride {video_stride}: expected >= 1")
+    fmt = fmt or ("jsonl" if output.endswith((".jsonl", ".json")) else "csv")
+    if fmt not in ("csv", "jsonl"):
+        raise ConfigError(f"--format {fmt!r}: expected csv or jsonl")
+    files = expand_inputs(inputs)
+    if not files:
+        raise ConfigError(f"no images or videos found in {list(inputs)}")
+    if output != "-" and Path(output).exists() and not overwrite:
+        raise ConfigError(f"{output}: already exists; pass --overwrite or another --output")
+    fh = sys.stdout if output == "-" else open(output, "w", newline="")
+    writer = Writer(fh, fmt, rec.class_names)
+    failed = 0
+    bar = tqdm(total=len(files), disable=not progress, unit="file", desc="predict", dynamic_ncols=True, file=sys.stderr)
+    pending: list[tuple[int, Path, Image.Image]] = []  # images waiting to be classified together
+
+    def fail(path: Path, exc: CepromptError) -> None:
+        nonlocal failed
+        failed += 1
+        writer.write(Row(str(path), None, None, None, error=str(exc).removeprefix(f"{path}: ")))
+        log.warning("%s: %s", path, exc)
+
+    def flush() -> None:
+        for (index, path, image), results in zip(pending, rec.predict_batch([im for _, _, im in pending], detect,
+                                                                           batch_size)):
+            _write_image(rec, index, path, image, results, writer, detect, annotate_dir, explain_dir)
+        bar.update(len(pending))
+        pending.clear()
+
+    try:
+        for index, path in enumerate(files):
+            suffix = path.suffix.lower()
+            try:
+                if not path.is_file():
+                    raise CepromptError("no such file")
+                if suffix in IMAGE_SUFFIXES:
+                    pending.append((index, path, rec.load_image(path)))
+                    if len(pending) >= batch_size:
+                        flush()
+                    continue
+                if suffix not in VIDEO_SUFFIXES:
+                    raise CepromptError(f"unsupported file type {suffix or '(none)'}; expected an image "
+                                        f"({', '.join(sorted(IMAGE_SUFFIXES))}) or a video "
+                                        f"({', '.join(sorted(VIDEO_SUFFIXES))})")
+                _predict_video(rec, index, path, writer, detect, annotate_dir, video_stride)
+            except CepromptError as exc:
+                fail(path, exc)
+            bar.update(1)
+        flush()
+    finally:
+        bar.close()
+        if fh is not sys.stdout:
+            fh.close()
+    return failed
+
+
+def _write_image(rec: Recognizer, index: int, path: Path, image: Image.Image, results: list[FaceResult],
+                 writer: Writer, detect: str, annotate_dir: str | None, explain_dir: str | None) -> None:
+    if not results:
+        writer.write(Row(str(path), None, None, None))  # no face: a row with empty fields, not an error
+    for j, r in enumerate(results):
+        writer.write(Row(str(path), None, j, r))
+    if annotate_dir:
+        save_png(annotate(image, results, rec.class_names), Path(annotate_dir) / f"{_stem(index, path)}.png")
+    if explain_dir:
+        for j, expl in enumerate(rec.explain(image, detect=detect)):
+            save_png(explanation_image(expl), Path(explain_dir) / f"{_stem(index, path)}_face{j}.png")
+
+
+def _predict_video(rec: Recognizer, index: int, path: Path, writer: Writer, detect: str,
+                   annotate_dir: str | None, stride: int) -> None:
+    video = VideoWriter(Path(annotate_dir) / f"{_stem(index, path)}.mp4") if annotate_dir else None
+    latest: list[FaceResult] = []
+    try:
+        for i, frame, sampled in _video_frames(path, stride):
+            if sampled:
+                latest = rec.predict(frame, detect=detect)
+                for j, r in enumerate(latest):
+                    writer.write(Row(str(path), i, j, r))
+            if video is not None:
+                video.write(annotate(frame, latest, rec.class_names))
+    finally:
+        if video is not None:
+            video.close()

@@ -1,0 +1,173 @@
+"""Using a trained model: the Python API, face detection and crops, ceprompt predict, explanations, ONNX."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+import ceprompt
+from ceprompt.cli import main
+from ceprompt.faces import align_face
+from helpers import write_three_file_dataset
+
+skimage_data = pytest.importorskip("skimage.data")
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """A stage-1 and a stage-2 run of the tiny CLIP on generated RAF-DB-layout data."""
+    root = tmp_path_factory.mktemp("predict")
+    data = write_three_file_dataset(root / "RAF-DB", "rafdb", n_train=2, n_test=1)
+    common = ["backbone.arch=tiny-vit", f"data.root={data}", "data.workers=0", "optim.epochs=1",
+              "optim.batch_size=7", "optim.warmup_epochs=0", f"run.output_dir={root}", "run.device=cpu",
+              "run.progress=false", "head.top_k=4", "cat.prompt_depth=3"]
+    sets = lambda extra: [a for s in common + extra for a in ("--set", s)]  # noqa: E731
+    assert main(["train", "--config", "rafdb_stage1", *sets(["run.name=s1"])]) == 0
+    assert main(["train", "--config", "rafdb_stage2", "--init", str(root / "s1"), *sets(["run.name=s2"])]) == 0
+    return {"s1": root / "s1", "s2": root / "s2", "data": data}
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("photos")
+    Image.fromarray(skimage_data.astronaut()).save(folder / "astronaut.png")
+    rng = np.random.default_rng(0)
+    Image.fromarray((rng.random((120, 160, 3)) * 40 + 100).astype(np.uint8)).save(folder / "no_face.jpg")
+    return folder
+
+
+def test_api_detects_the_face_in_a_photograph(checkpoints, photos) -> None:
+    pytest.importorskip("facenet_pytorch")
+    rec = ceprompt.load(checkpoints["s2"], device="cpu")
+    faces = rec.predict(photos / "astronaut.png")
+    assert len(faces) == 1
+    face = faces[0]
+    x0, y0, x1, y1 = face.box
+    assert 150 < (x0 + x1) / 2 < 260 and 60 < (y0 + y1) / 2 < 150  # Eileen Collins' face, not the flag
+    assert len(face.landmarks) == 5 and face.detector_confidence > 0.95
+    assert face.label in rec.class_names and face.score == max(face.probabilities.values())
+    assert sum(face.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
+    assert set(face.to_dict()) == {"box", "landmarks", "detector_confidence", "label", "score", "probabilities"}
+    # the same image as an array and as a PIL image gives the same answer; no face gives []
+    as_array = rec.predict(skimage_data.astronaut())
+    assert as_array[0].probabilities == pytest.approx(face.probabilities, abs=1e-6)
+    assert rec.predict(Image.open(photos / "no_face.jpg")) == []
+    batch = rec.predict_batch([photos / "astronaut.png", photos / "no_face.jpg"])
+    assert [len(r) for r in batch] == [1, 0]
+
+
+def test_detect_none_takes_the_whole_image(checkpoints, photos) -> None:
+    rec = ceprompt.load(checkpoints["s1"], device="cpu")
+    faces = rec.predict(photos / "no_face.jpg", detect="none")
+    assert len(faces) == 1 and faces[0].box == (0.0, 0.0, 160.0, 120.0) and faces[0].landmarks is None
+
+
+def test_probabilities_use_the_fitted_temperature(checkpoints) -> None:
+    meta = json.loads((checkpoints["s2"] / "checkpoints" / "best.json").read_text())
+    calibration = meta["calibration"]
+    assert calibration["temperature"] > 0 and calibration["nll"] <= calibration["nll_at_1"] + 1e-9
+    assert ceprompt.load(checkpoints["s2"]).temperature == pytest.approx(calibration["temperature"])
+
+
+def test_align_face_levels_the_eyes() -> None:
+    image = Image.new("RGB", (200, 200), (128, 128, 128))
+    d = ImageDraw.Draw(image)
+    angle = math.radians(20)  # eyes on a line tilted by 20 degrees about (100, 100)
+    eyes = [(100 - 30 * math.cos(angle), 100 - 30 * math.sin(angle)),
+            (100 + 30 * math.cos(angle), 100 + 30 * math.sin(angle))]
+    for x, y in eyes:
+        d.ellipse([x - 5, y - 5, x + 5, y + 5], fill=(0, 0, 0))
+    crop = np.asarray(align_face(image, (50, 50, 150, 150), eyes, size=100, expand=1.0)).mean(axis=2)
+    dark = np.argwhere(crop < 60)
+    left, right = dark[dark[:, 1] < 50], dark[dark[:, 1] >= 50]
+    assert abs(left[:, 0].mean() - right[:, 0].mean()) < 1.5  # same row: level
+    assert abs(left[:, 0].mean() - 50) < 3  # and centred where the eyes were
+
+
+def read_rows(text: str) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(text)))
+
+
+def test_predict_cli_images_errors_and_outputs(checkpoints, photos, tmp_path, capsys) -> None:
+    pytest.importorskip("facenet_pytorch")
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8 not really a jpeg")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello")
+    out = tmp_path / "pred.csv"
+    code = main(["predict", str(checkpoints["s2"]), str(photos), str(broken), str(notes), "--output", str(out),
+                 "--annotate", str(tmp_path / "annotated"), "--explain", str(tmp_path / "explain"),
+                 "--no-progress", "--device", "cpu"])
+    assert code == 1  # two files failed, the others were still processed
+    rows = read_rows(out.read_text())
+    by_file = {Path(r["path"]).name: r for r in rows}
+    assert by_file["astronaut.png"]["label"] and by_file["astronaut.png"]["face"] == "0"
+    assert float(by_file["astronaut.png"]["prob_happy"]) >= 0
+    assert by_file["no_face.jpg"]["face"] == "" and by_file["no_face.jpg"]["error"] == ""
+    assert "cannot decode image" in by_file["broken.jpg"]["error"]
+    assert "unsupported file type .txt" in by_file["notes.txt"]["error"]
+    annotated = sorted((tmp_path / "annotated").glob("*.png"))
+    assert len(annotated) == 2 and Image.open(annotated[0]).size == (512, 512)
+    explained = list((tmp_path / "explain").glob("*astronaut_face0.png"))
+    assert explained and Image.open(explained[0]).size[0] > 200
+    # JSON lines, and --detect none: one row per image with the whole image as the box
+    jl = tmp_path / "pred.jsonl"
+    assert main(["predict", str(checkpoints["s1"]), str(photos), "--output", str(jl), "--detect", "none",
+                 "--no-progress"]) == 0
+    records = [json.loads(line) for line in jl.read_text().splitlines()]
+    assert len(records) == 2 and all(r["face"] == 0 and r["x0"] == 0 for r in records)
+    assert main(["predict", str(checkpoints["s1"]), str(photos), "--output", str(jl), "--detect", "none"]) == 1
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_predict_video(checkpoints, photos, tmp_path) -> None:
+    av = pytest.importorskip("av")
+    pytest.importorskip("facenet_pytorch")
+    video = tmp_path / "clip.mp4"
+    frame = Image.open(photos / "astronaut.png").convert("RGB").resize((256, 256))
+    with av.open(str(video), mode="w") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 256, 256, "yuv420p"
+        for i in range(10):
+            shifted = Image.new("RGB", (256, 256))
+            shifted.paste(frame, (i * 2, 0))
+            for packet in stream.encode(av.VideoFrame.from_image(shifted)):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"\x00\x00\x00\x18ftypmp42 truncated")
+    out = tmp_path / "video.csv"
+    code = main(["predict", str(checkpoints["s2"]), str(video), str(bad), "--output", str(out), "--video-stride", "5",
+                 "--annotate", str(tmp_path / "ann"), "--no-progress"])
+    assert code == 1
+    rows = read_rows(out.read_text())
+    frames = sorted(int(r["frame"]) for r in rows if r["path"].endswith("clip.mp4"))
+    assert frames == [0, 5]
+    assert "cannot decode video" in [r for r in rows if r["path"].endswith("bad.mp4")][0]["error"]
+    with av.open(str(next((tmp_path / "ann").glob("*.mp4")))) as container:
+        assert sum(1 for _ in container.decode(video=0)) == 10
+
+
+@pytest.mark.parametrize("stage", ["s1", "s2"])
+def test_onnx_export_matches_pytorch(checkpoints, photos, tmp_path, stage) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    out = tmp_path / f"{stage}.onnx"
+    assert main(["export", "onnx", str(checkpoints[stage]), str(out)]) == 0
+    info = json.loads(out.with_suffix(".json").read_text())
+    assert info["check"]["max_abs_diff"] < 1e-4
+    rec = ceprompt.load(checkpoints[stage])
+    crop = rec.find_faces(rec.load_image(photos / "no_face.jpg"), detect="none")[0][1]
+    x = np.asarray(crop, dtype=np.float32).transpose(2, 0, 1)[None] / 255.0
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"image": x})[0][0]
+    want = rec.predict(crop, detect="none")[0].probabilities
+    assert got == pytest.approx([want[c] for c in rec.class_names], abs=1e-4)
+    assert info["class_names"] == rec.class_names
