@@ -36,7 +36,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 def _train_config(args: argparse.Namespace):
     from pathlib import Path
 
-    from .config import dump_config, load_config
+    from .config import load_config
     from .errors import ConfigError
 
     overrides = list(args.set or [])
@@ -49,16 +49,15 @@ def _train_config(args: argparse.Namespace):
             overrides.append(f"{key}={value}")
     if args.deterministic:
         overrides.append("run.deterministic=true")
+    if args.skip_bad_images:
+        overrides.append("data.skip_bad_images=true")
     if args.resume:
         if args.config:
             raise ConfigError("--resume continues a run with its own config.yaml; do not pass --config")
         saved = Path(args.resume).expanduser() / "config.yaml"
         if not saved.is_file():
             raise ConfigError(f"{saved}: not found; --resume takes a run directory made by ceprompt train")
-        cfg = load_config(saved, overrides)
-        if overrides:
-            saved.write_text(dump_config(cfg))
-        return cfg
+        return load_config(saved, overrides)  # the trainer records changes once an epoch succeeds
     if not args.config:
         raise ConfigError("give --config (a YAML file or a shipped name such as rafdb_stage1)")
     return load_config(args.config, overrides)
@@ -157,6 +156,20 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_check_data(args: argparse.Namespace) -> int:
+    import json
+
+    from .data.check import check_data
+
+    classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
+    report = check_data(args.dataset, args.root, args.image_dir, classes, full=args.full, workers=args.workers)
+    print(report.format())
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(report.to_dict(), fh, indent=2)
+    return 0 if report.ok else 1
+
+
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
@@ -193,8 +206,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="run directory name (run.name)")
     p.add_argument("--seed", type=int, help="random seed (run.seed)")
     p.add_argument("--deterministic", action="store_true", help="deterministic algorithms for exact reruns")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="leave unreadable images out (listed in the run's skipped_images.txt) instead of refusing")
     _add_runtime_args(p)
     p.set_defaults(handler=_cmd_train)
+
+    p = verbs.add_parser("check-data", help="report every problem of a dataset at once, with a summary")
+    p.add_argument("root", help="dataset root")
+    p.add_argument("--dataset", required=True, help="rafdb, affectnet7, affectnet8, ferplus or folder")
+    p.add_argument("--image-dir", help="rafdb: image folder under the root (default Image/aligned_224)")
+    p.add_argument("--classes", help="folder datasets: class order, comma-separated")
+    p.add_argument("--full", action="store_true", help="decode every image completely (slower, catches truncation)")
+    p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    p.add_argument("--workers", type=int, default=8, help="threads opening images")
+    p.set_defaults(handler=_cmd_check_data)
 
     p = verbs.add_parser("eval", help="evaluate a checkpoint (or zero-shot CLIP) on a dataset: metrics, "
                          "confusion matrix, predictions")

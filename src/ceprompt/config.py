@@ -230,6 +230,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read ({exc})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a config") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -247,7 +249,7 @@ def parse_override(text: str) -> dict[str, Any]:
         raise ConfigError(f"--set {text!r}: malformed key {key!r}")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         value = raw
     nested: dict[str, Any] = {}
     node = nested

@@ -161,16 +161,46 @@ def _folder_splits(root: Path, classes: Sequence[str] | None, problems: Problems
     return Splits("folder", root, names, collect(train_dir), collect(test_dir))
 
 
-def check_image(path: str) -> str | None:
-    """None if the file opens as an image, else the reason it does not."""
+@dataclass(frozen=True)
+class ImageInfo:
+    problem: str | None  # None when the file opens (and, with a full check, decodes) as an image
+    mode: str | None = None  # PIL mode, e.g. RGB, L, RGBA, CMYK
+    size: tuple[int, int] | None = None  # width, height
+
+
+def check_image(path: str, full: bool = False) -> ImageInfo:
+    """Open the image (header and structure; with ``full`` decode every pixel) and describe it."""
     try:
         with Image.open(path) as img:
-            img.verify()
+            mode, size = img.mode, img.size
+            if full:
+                img.load()
+            else:
+                img.verify()
     except FileNotFoundError:
-        return "missing image file"
+        return ImageInfo("missing image file")
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        return f"unreadable image ({exc})"
-    return None
+        return ImageInfo(f"unreadable image ({exc})")
+    return ImageInfo(None, mode, size)
+
+
+def scan_images(samples: Sequence[Sample], full: bool = False, workers: int = 8) -> list[ImageInfo]:
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        return list(pool.map(lambda s: check_image(s.path, full), samples))
+
+
+def index_dataset(dataset: str, root: str | os.PathLike, image_dir: str | None = None,
+                  classes: Sequence[str] | None = None, problems: Problems | None = None) -> Splits:
+    """Read the index (or folders) of a dataset; problems go to ``problems``; images are not opened."""
+    root = Path(root).expanduser()
+    problems = problems if problems is not None else Problems()
+    if dataset not in DATASET_NAMES:
+        raise DataError(f"data.dataset={dataset!r}; expected one of {list(DATASET_NAMES)}")
+    if not root.is_dir():
+        raise DataError(f"{root}: dataset root folder not found")
+    if dataset == "folder":
+        return _folder_splits(root, classes, problems)
+    return _index_splits(root, LAYOUTS[dataset], image_dir, problems)
 
 
 def load_splits(
@@ -184,35 +214,26 @@ def load_splits(
 ) -> Splits:
     """Read, validate and split a dataset. Every problem found is listed in one DataError;
     with ``skip_bad_images`` missing or unreadable images are left out and recorded instead."""
-    root = Path(root).expanduser()
-    if dataset not in DATASET_NAMES:
-        raise DataError(f"data.dataset={dataset!r}; expected one of {list(DATASET_NAMES)}")
-    if not root.is_dir():
-        raise DataError(f"{root}: dataset root folder not found")
     problems = Problems()
-    if dataset == "folder":
-        splits = _folder_splits(root, classes, problems)
-    else:
-        splits = _index_splits(root, LAYOUTS[dataset], image_dir, problems)
-    problems.raise_if_any(f"dataset {dataset} at {root}")
+    splits = index_dataset(dataset, root, image_dir, classes, problems)
+    problems.raise_if_any(f"dataset {dataset} at {splits.root}")
     samples = splits.train + splits.test
     if verify_images:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            reasons = list(pool.map(check_image, [s.path for s in samples]))
+        reasons = [info.problem for info in scan_images(samples, workers=workers)]
     else:
         reasons = [None if os.path.exists(s.path) else "missing image file" for s in samples]
     bad = {s.path: r for s, r in zip(samples, reasons) if r}
     if bad and not skip_bad_images:
         for path, reason in bad.items():
             problems.add(f"{path}: {reason}")
-        problems.raise_if_any(f"dataset {dataset} at {root} (use --skip-bad-images to leave them out)")
+        problems.raise_if_any(f"dataset {dataset} at {splits.root} (use --skip-bad-images to leave them out)")
     if bad:
         splits.train = [s for s in splits.train if s.path not in bad]
         splits.test = [s for s in splits.test if s.path not in bad]
         splits.skipped = [f"{p}: {r}" for p, r in bad.items()]
         log.warning("left out %d unreadable or missing images", len(bad))
     if not splits.train and not splits.test:
-        raise DataError(f"dataset {dataset} at {root}: no images")
+        raise DataError(f"dataset {dataset} at {splits.root}: no images")
     return splits
 
 

@@ -48,19 +48,20 @@ class Record:
     is_train: bool
 
 
-def read_pairs(path: Path, problems: Problems) -> dict[str, tuple[str, int]]:
-    """``id -> (value, line number)``; malformed and duplicate lines are reported, not kept."""
+def read_pairs(path: Path, problems: Problems) -> dict[str, tuple[str, int]] | None:
+    """``id -> (value, line number)``; malformed and duplicate lines are reported, not kept.
+    None when the file is missing or unreadable (also reported)."""
     if not path.is_file():
         problems.add(f"{path}: missing file")
-        return {}
+        return None
     try:
         text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         problems.add(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})")
-        return {}
+        return None
     except OSError as exc:
         problems.add(f"{path}: cannot read ({exc.strerror})")
-        return {}
+        return None
     pairs: dict[str, tuple[str, int]] = {}
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip() or line.lstrip().startswith("#"):
@@ -83,15 +84,17 @@ def read_index(folder: Path, names: tuple[str, str, str] = (IMAGES, LABELS, SPLI
     unless a ``problems`` collector is passed (then the caller decides)."""
     own = problems is None
     problems = problems if problems is not None else Problems()
-    images, labels, split = (read_pairs(folder / name, problems) for name in names)
+    tables = {name: read_pairs(folder / name, problems) for name in names}
+    readable = {name: t for name, t in tables.items() if t is not None}
+    for name, table in readable.items():
+        others = [n for n in readable if n != name]
+        for key, (_, number) in table.items():
+            absent = [n for n in others if key not in readable[n]]
+            if absent:
+                problems.add(f"{folder / name}:{number}: id {key!r} is missing from {' and '.join(absent)}")
     records: list[Record] = []
-    if images and labels and split:
-        for name, table in zip(names, (images, labels, split)):
-            others = [(n, t) for n, t in zip(names, (images, labels, split)) if t is not table]
-            for key, (_, number) in table.items():
-                absent = [n for n, t in others if key not in t]
-                if absent:
-                    problems.add(f"{folder / name}:{number}: id {key!r} is missing from {' and '.join(absent)}")
+    if len(readable) == 3:
+        images, labels, split = (readable[n] for n in names)
         for key, (rel, _) in images.items():
             if key not in labels or key not in split:
                 continue

@@ -73,17 +73,6 @@ def check_spec(spec: ClipSpec, recorded: dict[str, Any], where: str) -> None:
         raise CheckpointError(f"{where} was trained on another backbone ({'; '.join(diffs)})")
 
 
-def overlay_weights(clip: CLIP, tensors: dict[str, torch.Tensor], where: str) -> None:
-    """Copy stage-1 weights into a CLIP; every name and shape must match."""
-    own = clip.state_dict()
-    bad = [k for k, v in tensors.items() if k not in own or own[k].shape != v.shape]
-    if bad:
-        raise CheckpointError(f"{where}: weights do not fit this backbone: {bad[:4]}")
-    with torch.no_grad():
-        for k, v in tensors.items():
-            own[k].copy_(v)
-
-
 def head_config(cfg: Config) -> HeadConfig:
     h = cfg.head
     return HeadConfig(top_k=h.top_k, alpha=h.alpha, mode=h.mode, logit_scale=h.logit_scale)
@@ -113,7 +102,9 @@ def _load_stage1_into(backbone: Backbone, init: str | Path) -> dict[str, Any]:
     if meta.get("stage") != "eva":
         raise CheckpointError(f"{path}: backbone.init must be a stage-1 (eva) checkpoint, this is {meta.get('stage')!r}")
     check_spec(backbone.spec, meta["clip_spec"], str(path))
-    overlay_weights(backbone.clip, tensors, str(path))
+    # an inference-mode stage-1 model names exactly the weights the checkpoint must hold
+    cfg1 = config_from_dict(meta["config"], where=f"{path} (recorded config)")
+    load_trainable(_stage1_model(cfg1, backbone.clip, meta["class_names"], training=False), tensors, str(path))
     return {"path": str(path.resolve()), "sha256": sha256_file(path), "class_names": meta["class_names"],
             "backbone": meta["backbone"]}
 
@@ -186,8 +177,8 @@ def load_trained(checkpoint: str | Path) -> LoadedModel:
     if meta["stage"] == "eva":
         backbone = backbone_from_record(meta["backbone"], str(path))
         check_spec(backbone.spec, meta["clip_spec"], str(path))
-        overlay_weights(backbone.clip, tensors, str(path))
         model: nn.Module = _stage1_model(cfg, backbone.clip, class_names, training=False)
+        load_trainable(model, tensors, str(path))
     else:
         init = meta.get("init") or {}
         init_path = Path(init.get("path", ""))

@@ -53,8 +53,9 @@ def run_eval(
             dataset = dataset or cfg.data.dataset
             class_names = None
             source = {"zero_shot": True, "backbone": cfg.backbone.path or cfg.backbone.arch}
-        classes = class_names if dataset == "folder" else None
-        splits = load_splits(dataset, data_root, classes=classes, verify_images=False)
+        splits = load_splits(dataset, data_root, verify_images=False)
+        if dataset == "folder" and class_names and set(splits.class_names) == set(class_names):
+            splits = load_splits(dataset, data_root, classes=class_names, verify_images=False)  # checkpoint's order
         if checkpoint is None:
             class_names = splits.class_names
             built = build_zero_shot(cfg, class_names)

@@ -179,6 +179,12 @@ class Trainer:
 
     def _restore(self) -> None:
         state = load_resume(self.run_dir)
+        saved, now = state.get("model_config", {}), model_settings(self.cfg)
+        changed = [f"{k}={saved[k]!r} in the saved state, {now.get(k)!r} now" for k in sorted(saved)
+                   if saved[k] != now.get(k)]
+        if changed:
+            raise ConfigError(f"{self.run_dir / 'resume.pt'}: the model differs from the one being resumed: "
+                              + "; ".join(changed))
         load_trainable(self.model, state["model"], str(self.run_dir / "resume.pt"))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
@@ -287,6 +293,11 @@ class Trainer:
                                test_metrics=summary)
 
     def _save(self, epoch: int, metrics: dict[str, Any] | None) -> None:
+        config_text = dump_config(self.cfg)
+        if (self.run_dir / "config.yaml").read_text() != config_text:  # resumed with --set overrides
+            with atomic_write(self.run_dir / "config.yaml") as tmp:
+                tmp.write_text(config_text)
+            log.info("config.yaml updated with this run's overrides")
         weights = unwrap(self.model).trainable_state_dict()
         ckpt = self.run_dir / "checkpoints"
         meta = self._meta(epoch + 1, metrics)
@@ -297,6 +308,7 @@ class Trainer:
         save_resume(self.run_dir, {
             "epoch": epoch + 1, "model": weights, "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(), "best_accuracy": self.best_accuracy, "best_epoch": self.best_epoch,
+            "model_config": model_settings(self.cfg),
         })
 
     def fit(self) -> Path:
@@ -359,6 +371,23 @@ class Trainer:
                      calibration["nll"], calibration["nll_at_1"])
 
 
+def model_settings(cfg: Config) -> dict[str, Any]:
+    """The config values that shape the trained weights; a resume must not change them."""
+    flat = {"stage": cfg.stage, "data.dataset": cfg.data.dataset, "backbone.path": cfg.backbone.path,
+            "backbone.arch": cfg.backbone.arch}
+    flat.update({f"head.{k}": v for k, v in cfg.head.__dict__.items()})
+    section = cfg.eva if cfg.stage == "eva" else cfg.cat
+    flat.update({f"{cfg.stage}.{k}": v for k, v in section.__dict__.items()})
+    return flat
+
+
+def remove_stale_temporaries(run_dir: Path) -> None:
+    """Half-written files left by a process killed during a write (the real files are intact)."""
+    for tmp in [*run_dir.glob(".*.tmp"), *run_dir.glob("checkpoints/.*.tmp")]:
+        log.info("removing %s, left by an interrupted write", tmp)
+        tmp.unlink()
+
+
 def rt_gather_path(rt: Runtime, path: Path) -> Path:
     return Path(rt.gather(str(path))[0])
 
@@ -379,6 +408,8 @@ def train(cfg: Config, resume: str | Path | None = None, overwrite: bool = False
         seed_everything(cfg.run.seed + rt.rank)
         if resume is not None:
             run_dir = Path(resume).expanduser()
+            if rt.is_main:
+                remove_stale_temporaries(run_dir)
         else:
             run_dir = new_run_dir(cfg, rt, overwrite)
         if rt.is_main:
