@@ -231,3 +231,25 @@ def test_bf16_autocast_forward_backward(clip, stage: int) -> None:
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert grads and all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_teacher_cache_reuses_embeddings_of_repeated_views(clip) -> None:
+    model = EVAModel(clip, CLASSES, fix_layer=2).eval()
+    model.enable_teacher_cache(20)
+    images, labels = batch(clip)
+    views = torch.tensor([4, 7, -1])  # two repeatable views, one that is not (random affine)
+    calls: list[int] = []
+    original = model._teacher_global
+    model._teacher_global = lambda x: calls.append(len(x)) or original(x)
+    with torch.no_grad():
+        first = model(images, labels, views=views)
+        second = model(images, labels, views=views)
+        uncached = model(images, labels)
+    assert calls == [3, 1, 3]  # the second pass only runs the teacher for the unrepeatable view
+    assert model.teacher_known.nonzero().flatten().tolist() == [4, 7]
+    assert torch.allclose(first.loss, second.loss) and torch.allclose(first.loss, uncached.loss)
+    state = model.teacher_cache_state()
+    fresh = EVAModel(build_clip("tiny-vit", seed=0), CLASSES, fix_layer=2)
+    fresh.enable_teacher_cache(20)
+    fresh.load_teacher_cache_state(state)
+    assert torch.equal(fresh.teacher_cache, model.teacher_cache)

@@ -76,10 +76,12 @@ class CATModel(nn.Module):
         return vision_project(visual, x[:, :n_tokens])
 
     def forward(
-        self, images: torch.Tensor, labels: torch.Tensor | None = None, text_features: torch.Tensor | None = None
+        self, images: torch.Tensor, labels: torch.Tensor | None = None, text_features: torch.Tensor | None = None,
+        views: torch.Tensor | None = None,
     ) -> ScoreOutput:
         """Head scores; pass ``text_features`` (from :meth:`class_text_features`) to reuse them across
-        batches at evaluation. Without them the prompts are encoded in this call (training)."""
+        batches at evaluation. Without them the prompts are encoded in this call (training).
+        ``views`` is accepted for the trainer's uniform call and not needed here."""
         text = self.class_text_features() if text_features is None else text_features
         tokens = self.encode_image_tokens(images)
         logits = emotion_scores(tokens[:, 0], tokens[:, 1:], text, self.head)

@@ -101,7 +101,8 @@ class RunConfig:
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16
     eval_every: int = 1  # epochs between test-set evaluations
     grad_checkpointing: bool = False  # recompute trainable blocks' activations in backward (less memory)
-    compile: bool = False  # torch.compile the vision blocks
+    compile: bool = False  # torch.compile the vision blocks (first steps slower while it compiles)
+    teacher_cache: bool = True  # stage 1, flip-only augmentation: reuse the frozen teacher's embeddings
     progress: bool = True  # progress bars (rank 0 only)
     final_eval: bool = True  # full evaluation of the best checkpoint at the end (metrics, confusion matrix)
 

@@ -99,16 +99,59 @@ class EVAModel(nn.Module):
                        grad_checkpointing=self.grad_checkpointing)
         return vision_project(visual, x)
 
+    def enable_teacher_cache(self, n_keys: int) -> None:
+        """Remember the teacher's embedding of every repeatable view (see ``FERDataset``).
+
+        The teacher is frozen, so an identical input gives an identical embedding: with flip-only
+        augmentation each training image has two views, and after they have been seen once the
+        teacher's forward pass is skipped (a quarter of a stage-1 step).
+        """
+        if self.teacher is None:
+            return
+        ref = self.teacher.proj
+        self.register_buffer("teacher_cache", torch.zeros(n_keys, ref.shape[1], device=ref.device), persistent=False)
+        self.register_buffer("teacher_known", torch.zeros(n_keys, dtype=torch.bool, device=ref.device),
+                             persistent=False)
+
+    def _teacher_targets(self, lower: torch.Tensor, views: torch.Tensor | None) -> torch.Tensor:
+        if views is None or not hasattr(self, "teacher_cache"):
+            return self._teacher_global(lower).float()
+        keys = views.to(self.teacher_known.device)
+        known = (keys >= 0) & self.teacher_known[keys.clamp(min=0)]
+        out = torch.empty(len(keys), self.teacher_cache.shape[1], device=lower.device)
+        if known.any():
+            out[known] = self.teacher_cache[keys[known]].to(lower.device)
+        todo = ~known
+        if todo.any():
+            fresh = self._teacher_global(lower[todo]).float()
+            out[todo] = fresh
+            new = keys[todo] >= 0
+            self.teacher_cache[keys[todo][new]] = fresh[new].to(self.teacher_cache.device)
+            self.teacher_known[keys[todo][new]] = True
+        return out
+
+    def teacher_cache_state(self) -> dict[str, torch.Tensor]:
+        if not hasattr(self, "teacher_cache"):
+            return {}
+        return {"cache": self.teacher_cache.cpu(), "known": self.teacher_known.cpu()}
+
+    def load_teacher_cache_state(self, state: dict[str, torch.Tensor]) -> None:
+        if state and hasattr(self, "teacher_cache") and state["cache"].shape == self.teacher_cache.shape:
+            self.teacher_cache.copy_(state["cache"])
+            self.teacher_known.copy_(state["known"])
+
     @torch.no_grad()
     def _teacher_global(self, x: torch.Tensor) -> torch.Tensor:
         x = run_blocks(self.teacher["blocks"], x)
         return self.teacher["ln_post"](x[:, 0]) @ self.teacher.proj
 
     def forward(
-        self, images: torch.Tensor, labels: torch.Tensor | None = None, text_features: torch.Tensor | None = None
+        self, images: torch.Tensor, labels: torch.Tensor | None = None, text_features: torch.Tensor | None = None,
+        views: torch.Tensor | None = None,
     ) -> ScoreOutput:
         """Head scores; with ``labels`` also the loss: CE plus ``kd_weight`` x L1 distance of the
-        global embedding to the teacher's (computed in ``forward`` so DistributedDataParallel sees it)."""
+        global embedding to the teacher's (computed in ``forward`` so DistributedDataParallel sees it).
+        ``views`` are the batch's view keys, for the teacher cache."""
         lower = self._lower(images)
         tokens = self._student(lower)
         text = self.text_features if text_features is None else text_features
@@ -120,7 +163,7 @@ class EVAModel(nn.Module):
         out.parts["ce"] = out.loss.detach()
         if self.teacher is not None:
             student = F.normalize(out.global_emb.float(), dim=-1)
-            teacher = self._teacher_global(lower).float()
+            teacher = self._teacher_targets(lower, views)
             if self.kd_target == "normalized":
                 teacher = F.normalize(teacher, dim=-1)
             kd = F.l1_loss(student, teacher)

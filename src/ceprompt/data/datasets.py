@@ -246,7 +246,10 @@ def load_rgb(path: str) -> Image.Image:
 
 
 class FERDataset(Dataset):
-    """Samples as (image tensor, class index, sample index).
+    """Samples as (image tensor, class index, sample index, view key).
+
+    The view key is ``2 * index + view`` when the augmentation's random choice is repeatable
+    (see :class:`ceprompt.data.transforms.Augment`), else -1.
 
     ``resize`` is the deterministic first step (to the model's input size); ``augment`` the rest.
     With ``cache`` the resized images are decoded once, in the main process, and shared with
@@ -269,7 +272,8 @@ class FERDataset(Dataset):
     def labels(self) -> list[int]:
         return [s.label for s in self.samples]
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int, int]:
         sample = self.samples[index]
         image = self.cache[index] if self.cache is not None else self.resize(load_rgb(sample.path))
-        return self.augment(image), sample.label, index
+        tensor, view = self.augment(image)
+        return tensor, sample.label, index, 2 * index + view if view >= 0 else -1

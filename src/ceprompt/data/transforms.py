@@ -11,7 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+import torch
+from PIL import Image
 from torchvision import transforms as T
+from torchvision.transforms import functional as TF
 
 from ..errors import ConfigError
 
@@ -43,20 +46,40 @@ class Preprocess:
         return T.Compose([T.ToTensor(), T.Normalize(self.mean, self.std)])
 
 
-def train_augment(kind: str, pre: Preprocess) -> Callable:
-    """Random steps applied after the resize, ending in a normalised tensor."""
-    if kind == "none":
-        return pre.to_tensor()
-    if kind == "rafdb":
-        return T.Compose([T.RandomHorizontalFlip(), pre.to_tensor()])
-    if kind == "affectnet":
-        return T.Compose([
-            T.RandomHorizontalFlip(),
-            T.RandomApply([T.RandomAffine(20, translate=(0.2, 0.2), scale=(0.8, 1.0))], p=0.7),
-            pre.to_tensor(),
-            T.RandomErasing(),
-        ])
-    raise ConfigError(f"data.augment={kind!r}; expected one of {AUGMENTATIONS}")
+class Augment:
+    """Random steps after the resize; returns (normalised tensor, view).
+
+    ``view`` identifies the random choice when it is one of a few repeatable ones: 0 or 1 for
+    "flipped or not" under flip-only augmentation, so a frozen network's output for that exact
+    input can be cached and reused (stage 1's teacher). -1 means the view is not repeatable.
+    """
+
+    def __init__(self, kind: str, pre: Preprocess) -> None:
+        if kind not in AUGMENTATIONS:
+            raise ConfigError(f"data.augment={kind!r}; expected one of {AUGMENTATIONS}")
+        self.kind = kind
+        self.to_tensor = pre.to_tensor()
+        self.affine = T.RandomApply([T.RandomAffine(20, translate=(0.2, 0.2), scale=(0.8, 1.0))], p=0.7)
+        self.erase = T.RandomErasing()
+
+    def __call__(self, image: Image.Image) -> tuple[torch.Tensor, int]:
+        if self.kind == "none":
+            return self.to_tensor(image), 0
+        flip = bool(torch.rand(1) < 0.5)
+        if flip:
+            image = TF.hflip(image)
+        if self.kind == "rafdb":
+            return self.to_tensor(image), int(flip)
+        return self.erase(self.to_tensor(self.affine(image))), -1
+
+
+def train_augment(kind: str, pre: Preprocess) -> Augment:
+    return Augment(kind, pre)
+
+
+def test_transform(pre: Preprocess) -> Augment:
+    """Evaluation: resize (done before) and normalise only."""
+    return Augment("none", pre)
 
 
 def preprocess_for(image_size: int, mean: Sequence[float], std: Sequence[float]) -> Preprocess:

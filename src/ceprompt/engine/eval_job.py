@@ -9,6 +9,7 @@ from typing import Any
 
 from ..config import Config
 from ..data.datasets import FERDataset, load_splits
+from ..data.transforms import test_transform
 from ..errors import CheckpointError, ConfigError
 from .build import build_zero_shot, load_trained, preprocess_from_config
 from .evaluate import evaluate, format_metrics, write_report
@@ -66,7 +67,7 @@ def run_eval(
         samples = splits.test if split == "test" else splits.train
         if not samples:
             raise ConfigError(f"{dataset} at {data_root}: the {split} split is empty")
-        data = FERDataset(samples, pre.resize(), pre.to_tensor())
+        data = FERDataset(samples, pre.resize(), test_transform(pre))
         model = model.to(rt.device)
         out_dir = _out_dir(out, overwrite) if rt.is_main else None
         metrics, scores = evaluate(model, data, class_names, rt, batch_size, workers, progress)

@@ -58,7 +58,7 @@ def dataset_scores(model: nn.Module, dataset: FERDataset, rt: Runtime, batch_siz
                dynamic_ncols=True, leave=False)
     start = time.perf_counter()
     try:
-        for images, _, index in loader:
+        for images, _, index, _ in loader:
             with rt.autocast():
                 out = net(images.to(rt.device, non_blocking=True), text_features=text)
             scores.append(out.logits.float().cpu())

@@ -22,14 +22,16 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from open_clip.transformer import CustomResidualAttentionBlock, ResidualAttentionBlock
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..config import Config, dump_config
 from ..data.datasets import FERDataset, Splits, default_augment, default_balanced, load_splits
 from ..data.samplers import TrainSampler
-from ..data.transforms import train_augment
+from ..data.transforms import test_transform, train_augment
 from ..errors import ConfigError, DataError, TrainingError
+from ..eva import EVAModel
 from ..io_utils import atomic_write
 from ..metrics import fit_temperature
 from ..trainable import load_trainable
@@ -131,7 +133,7 @@ class Trainer:
         resize = self.preprocess.resize()
         augment = train_augment(d.augment or default_augment(d.dataset), self.preprocess)
         self.train_set = FERDataset(self.splits.train, resize, augment, cache=d.cache_images, workers=d.workers)
-        self.test_set = FERDataset(self.splits.test, resize, self.preprocess.to_tensor(), cache=d.cache_images,
+        self.test_set = FERDataset(self.splits.test, resize, test_transform(self.preprocess), cache=d.cache_images,
                                    workers=d.workers)
         if not len(self.train_set):
             raise DataError(f"dataset {d.dataset} at {d.root}: no training images")
@@ -146,6 +148,10 @@ class Trainer:
         self.loader = DataLoader(self.train_set, batch_size=self.micro_batch, sampler=self.sampler,
                                  num_workers=usable_workers(d.workers), pin_memory=rt.device.type == "cuda",
                                  generator=self.generator, persistent_workers=False)
+        if cfg.stage == "eva" and cfg.run.teacher_cache and getattr(augment, "kind", "") in ("rafdb", "none"):
+            self.model.enable_teacher_cache(2 * len(self.train_set))
+        if cfg.run.compile:
+            compile_blocks(self.model)
         self.optimizer = make_optimizer(cfg, self.model)
         self.scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.precision == "fp16")
         self.net: nn.Module = self.model
@@ -186,6 +192,8 @@ class Trainer:
             raise ConfigError(f"{self.run_dir / 'resume.pt'}: the model differs from the one being resumed: "
                               + "; ".join(changed))
         load_trainable(self.model, state["model"], str(self.run_dir / "resume.pt"))
+        if isinstance(self.model, EVAModel):
+            self.model.load_teacher_cache_state(state.get("teacher_cache", {}))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.start_epoch = int(state["epoch"])
@@ -237,7 +245,7 @@ class Trainer:
                    desc=f"epoch {epoch + 1}/{o.epochs}", dynamic_ncols=True, leave=False)
         start = time.perf_counter()
         try:
-            for i, (images, labels, _) in enumerate(self.loader):
+            for i, (images, labels, _, views) in enumerate(self.loader):
                 step = epoch * self.steps_per_epoch + i // o.accum_steps
                 if i % o.accum_steps == 0:
                     lr = lr_at(step, self.total_steps, self.warmup_steps, o.lr, o.min_lr)
@@ -250,7 +258,7 @@ class Trainer:
                 labels = labels.to(rt.device, non_blocking=True)
                 with sync:
                     with rt.autocast():
-                        out = self.net(images, labels)
+                        out = self.net(images, labels, views=views.to(rt.device))
                     self._check_finite(out.loss, epoch, i)
                     self.scaler.scale(out.loss / group_size).backward()
                 if last_micro:
@@ -309,6 +317,7 @@ class Trainer:
             "epoch": epoch + 1, "model": weights, "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(), "best_accuracy": self.best_accuracy, "best_epoch": self.best_epoch,
             "model_config": model_settings(self.cfg),
+            "teacher_cache": self.model.teacher_cache_state() if isinstance(self.model, EVAModel) else {},
         })
 
     def fit(self) -> Path:
@@ -369,6 +378,13 @@ class Trainer:
             log.info("best checkpoint (epoch %s): %s", meta.get("epoch"), format_metrics(metrics))
             log.info("probability temperature %.2f (NLL %.3f, %.3f at 1)", calibration["temperature"],
                      calibration["nll"], calibration["nll_at_1"])
+
+
+def compile_blocks(model: nn.Module) -> None:
+    """torch.compile every transformer block in place (open_clip's blocks share one compiled graph)."""
+    for module in model.modules():
+        if isinstance(module, (ResidualAttentionBlock, CustomResidualAttentionBlock)):
+            module.compile()
 
 
 def model_settings(cfg: Config) -> dict[str, Any]:
