@@ -56,3 +56,20 @@ def write_folder_dataset(root: Path, classes: list[str], n_train: int = 3, n_tes
                 class_image(label, len(classes), seed=hash((split, label, j)) % 10_000, size=size).save(
                     folder / f"{j}.png")
     return root
+
+
+def train_tiny_runs(root: Path) -> dict[str, Path]:
+    """A stage-1 and a stage-2 run of the tiny CLIP on generated RAF-DB-layout data (seconds on a CPU)."""
+    from ceprompt.cli import main
+
+    data = write_three_file_dataset(root / "RAF-DB", "rafdb", n_train=2, n_test=1)
+    common = ["backbone.arch=tiny-vit", f"data.root={data}", "data.workers=0", "optim.epochs=1",
+              "optim.batch_size=7", "optim.warmup_epochs=0", f"run.output_dir={root}", "run.device=cpu",
+              "run.progress=false", "head.top_k=4", "cat.prompt_depth=3"]
+
+    def sets(extra: list[str]) -> list[str]:
+        return [a for s in common + extra for a in ("--set", s)]
+
+    assert main(["train", "--config", "rafdb_stage1", *sets(["run.name=s1"])]) == 0
+    assert main(["train", "--config", "rafdb_stage2", "--init", str(root / "s1"), *sets(["run.name=s2"])]) == 0
+    return {"s1": root / "s1", "s2": root / "s2", "data": data}

@@ -15,23 +15,14 @@ from PIL import Image, ImageDraw
 import ceprompt
 from ceprompt.cli import main
 from ceprompt.faces import align_face
-from helpers import write_three_file_dataset
+from helpers import train_tiny_runs
 
 skimage_data = pytest.importorskip("skimage.data")
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
-    """A stage-1 and a stage-2 run of the tiny CLIP on generated RAF-DB-layout data."""
-    root = tmp_path_factory.mktemp("predict")
-    data = write_three_file_dataset(root / "RAF-DB", "rafdb", n_train=2, n_test=1)
-    common = ["backbone.arch=tiny-vit", f"data.root={data}", "data.workers=0", "optim.epochs=1",
-              "optim.batch_size=7", "optim.warmup_epochs=0", f"run.output_dir={root}", "run.device=cpu",
-              "run.progress=false", "head.top_k=4", "cat.prompt_depth=3"]
-    sets = lambda extra: [a for s in common + extra for a in ("--set", s)]  # noqa: E731
-    assert main(["train", "--config", "rafdb_stage1", *sets(["run.name=s1"])]) == 0
-    assert main(["train", "--config", "rafdb_stage2", "--init", str(root / "s1"), *sets(["run.name=s2"])]) == 0
-    return {"s1": root / "s1", "s2": root / "s2", "data": data}
+    return train_tiny_runs(tmp_path_factory.mktemp("predict"))
 
 
 @pytest.fixture(scope="module")

@@ -170,6 +170,18 @@ def _cmd_check_data(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .server.app import serve
+
+    if args.max_upload_mb <= 0:
+        from .errors import ConfigError
+
+        raise ConfigError(f"--max-upload-mb {args.max_upload_mb}: expected a positive size")
+    serve(args.checkpoint, host=args.host, port=args.port, max_upload_bytes=int(args.max_upload_mb * 1_000_000),
+          device=args.device)
+    return 0
+
+
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
@@ -275,6 +287,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="device for --align (cpu or cuda)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(handler=_cmd_prepare)
+
+    p = verbs.add_parser("serve", help="a local web page (and JSON API) to try a model on photos")
+    p.add_argument("checkpoint", nargs="?", help="checkpoint or run directory (default: the demo model)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload (default 10 MB)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.set_defaults(handler=_cmd_serve)
 
     p = verbs.add_parser("demo", help="the whole method on generated faces and a small CLIP, on a CPU")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
