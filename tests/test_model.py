@@ -12,6 +12,7 @@ from ceprompt.cat import CATModel
 from ceprompt.clip_backbone import build_clip, tokenize
 from ceprompt.eva import EVAModel
 from ceprompt.head import HeadConfig, emotion_scores
+from ceprompt.towers import vision_embed
 
 CLASSES = ["surprise", "fear", "disgust", "happy", "sad", "anger", "neutral"]
 
@@ -172,7 +173,7 @@ def test_vision_prompts_overwrite(clip) -> None:
     seen, handles = capture_block_inputs(clip.visual.transformer.resblocks)
     with torch.no_grad():
         out = model(images)
-        plain = clip.visual.ln_pre(__import__("ceprompt.towers").towers.vision_embed(clip.visual, images))
+        plain = clip.visual.ln_pre(vision_embed(clip.visual, images))
         deep = pl.deep_vision_prompts()
     assert out.patches.shape[1] == n and all(x.shape[1] == 1 + n for x in seen)
     assert torch.allclose(seen[0], plain, atol=1e-6)  # block 0 sees the unmodified sequence

@@ -148,7 +148,7 @@ class Trainer:
         self.loader = DataLoader(self.train_set, batch_size=self.micro_batch, sampler=self.sampler,
                                  num_workers=usable_workers(d.workers), pin_memory=rt.device.type == "cuda",
                                  generator=self.generator, persistent_workers=False)
-        if cfg.stage == "eva" and cfg.run.teacher_cache and getattr(augment, "kind", "") in ("rafdb", "none"):
+        if cfg.stage == "eva" and cfg.run.teacher_cache and augment.kind in ("rafdb", "none"):
             self.model.enable_teacher_cache(2 * len(self.train_set))
         if cfg.run.compile:
             compile_blocks(self.model)
