@@ -26,8 +26,15 @@ def _versions() -> list[tuple[str, str]]:
     return rows
 
 
+def _cpu_bf16() -> str:
+    """Without AMX or AVX512-BF16, bf16 on a CPU is emulated and slower than fp32."""
+    native = [name for name, probe in (("AMX", "_is_amx_tile_supported"), ("AVX512-BF16", "_is_avx512_bf16_supported"))
+              if getattr(torch.cpu, probe, lambda: False)()]
+    return f"native ({', '.join(native)})" if native else "emulated (slower than fp32 here: keep --precision fp32)"
+
+
 def _devices() -> list[tuple[str, str]]:
-    rows = [("cpu", f"{torch.get_num_threads()} threads")]
+    rows = [("cpu", f"{torch.get_num_threads()} threads, bf16 {_cpu_bf16()}")]
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             name = torch.cuda.get_device_name(i)

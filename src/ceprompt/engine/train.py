@@ -106,7 +106,9 @@ def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
         groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr_scale": 1.0,
                    "weight_decay": o.weight_decay}]
     if o.name == "adamw":
-        return torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay)
+        # The fused kernel updates in place: no foreach temporaries the size of the trainable weights.
+        fused = all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
+        return torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay, fused=fused)
     return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
 
 
