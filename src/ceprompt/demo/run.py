@@ -35,7 +35,9 @@ class DemoPlan:
     overrides: tuple[str, ...] = field(default_factory=tuple)
 
 
-# Measured on 2 CPU cores: the full plan takes about 6 minutes, the quick one under 2 (README).
+# Measured on 2 CPU cores (README): the full plan about 7 minutes on a first run, 3 with its CLIP cached;
+# the quick one about 3 and under 1. With 200 pretraining steps instead of 400 the quick demo CLIP
+# collapsed (stage 1 stayed at chance), so the quick first run stays near 3 minutes.
 FULL = DemoPlan(n_train=2800, n_test=700, pretrain=PretrainSettings(), stage1_epochs=12, stage2_epochs=6)
 QUICK = DemoPlan(n_train=1050, n_test=350, pretrain=PretrainSettings(steps=400), stage1_epochs=6, stage2_epochs=3,
                  overrides=("run.eval_every=3",))
