@@ -108,6 +108,15 @@ def test_predict_cli_images_errors_and_outputs(checkpoints, photos, tmp_path, ca
     assert len(annotated) == 2 and Image.open(annotated[0]).size == (512, 512)
     explained = list((tmp_path / "explain").glob("*astronaut_face0.png"))
     assert explained and Image.open(explained[0]).size[0] > 200
+    # --explain reuses its own detection and scores: the rows equal a run without it
+    plain = tmp_path / "plain.csv"
+    assert main(["predict", str(checkpoints["s2"]), str(photos), "--output", str(plain), "--no-progress",
+                 "--device", "cpu"]) == 0
+    by_face = {(Path(r["path"]).name, r["face"]): r for r in rows}
+    for r in read_rows(plain.read_text()):
+        twin = by_face[(Path(r["path"]).name, r["face"])]
+        assert r["label"] == twin["label"]
+        assert all(abs(float(r[k]) - float(twin[k])) < 1e-5 for k in r if k.startswith("prob_") and r[k])
     # JSON lines, and --detect none: one row per image with the whole image as the box
     jl = tmp_path / "pred.jsonl"
     assert main(["predict", str(checkpoints["s1"]), str(photos), "--output", str(jl), "--detect", "none",
@@ -145,6 +154,12 @@ def test_predict_video(checkpoints, photos, tmp_path) -> None:
     assert "cannot decode video" in [r for r in rows if r["path"].endswith("bad.mp4")][0]["error"]
     with av.open(str(next((tmp_path / "ann").glob("*.mp4")))) as container:
         assert sum(1 for _ in container.decode(video=0)) == 10
+    # without annotation the frames between samples are decoded but not converted: same rows
+    plain = tmp_path / "video_plain.csv"
+    assert main(["predict", str(checkpoints["s2"]), str(video), "--output", str(plain), "--video-stride", "5",
+                 "--no-progress"]) == 0
+    assert [(r["frame"], r["face"], r["label"]) for r in read_rows(plain.read_text())] == \
+        [(r["frame"], r["face"], r["label"]) for r in rows if r["path"].endswith("clip.mp4")]
 
 
 @pytest.mark.parametrize("stage", ["s1", "s2"])

@@ -18,7 +18,7 @@ from typing import IO, Any, Iterator, Sequence
 from PIL import Image
 from tqdm import tqdm
 
-from .api import FaceResult, Recognizer
+from .api import Explanation, FaceResult, Recognizer
 from .drawing import annotate, explanation_image, save_png
 from .errors import CepromptError, ConfigError
 
@@ -77,8 +77,9 @@ class Writer:
         self.fh.flush()
 
 
-def _video_frames(path: Path, stride: int) -> Iterator[tuple[int, Image.Image, bool]]:
-    """(index, frame, sampled) for every frame; ``sampled`` marks every ``stride``-th one."""
+def _video_frames(path: Path, stride: int, every_frame: bool) -> Iterator[tuple[int, Image.Image, bool]]:
+    """(index, frame, sampled): every ``stride``-th frame is ``sampled``; the others are decoded (the
+    codec needs them) but only converted to images when ``every_frame`` (annotated videos)."""
     try:
         import av
     except ImportError:
@@ -88,7 +89,9 @@ def _video_frames(path: Path, stride: int) -> Iterator[tuple[int, Image.Image, b
             if not container.streams.video:
                 raise CepromptError("no video stream")
             for i, frame in enumerate(container.decode(video=0)):
-                yield i, frame.to_image(), i % stride == 0
+                sampled = i % stride == 0
+                if sampled or every_frame:
+                    yield i, frame.to_image(), sampled
     except CepromptError:
         raise
     except Exception as exc:  # PyAV raises its own error types for undecodable input
@@ -154,9 +157,14 @@ def run_predict(rec: Recognizer, inputs: Sequence[str], output: str = "-", fmt: 
         log.warning("%s: %s", path, exc)
 
     def flush() -> None:
-        for (index, path, image), results in zip(pending, rec.predict_batch([im for _, _, im in pending], detect,
-                                                                           batch_size)):
-            _write_image(rec, index, path, image, results, writer, detect, annotate_dir, explain_dir)
+        images = [im for _, _, im in pending]
+        if explain_dir:  # an explanation carries its face's result: detect and score each image once
+            explained = [rec.explain(im, detect=detect) for im in images]
+            found = [[e.face for e in expl] for expl in explained]
+        else:
+            found, explained = rec.predict_batch(images, detect, batch_size), [[] for _ in images]
+        for (index, path, image), results, expl in zip(pending, found, explained):
+            _write_image(rec, index, path, image, results, expl, writer, annotate_dir, explain_dir)
         bar.update(len(pending))
         pending.clear()
 
@@ -188,7 +196,8 @@ def run_predict(rec: Recognizer, inputs: Sequence[str], output: str = "-", fmt: 
 
 
 def _write_image(rec: Recognizer, index: int, path: Path, image: Image.Image, results: list[FaceResult],
-                 writer: Writer, detect: str, annotate_dir: str | None, explain_dir: str | None) -> None:
+                 explanations: list[Explanation], writer: Writer, annotate_dir: str | None,
+                 explain_dir: str | None) -> None:
     if not results:
         writer.write(Row(str(path), None, None, None))  # no face: a row with empty fields, not an error
     for j, r in enumerate(results):
@@ -196,7 +205,7 @@ def _write_image(rec: Recognizer, index: int, path: Path, image: Image.Image, re
     if annotate_dir:
         save_png(annotate(image, results, rec.class_names), Path(annotate_dir) / f"{_stem(index, path)}.png")
     if explain_dir:
-        for j, expl in enumerate(rec.explain(image, detect=detect)):
+        for j, expl in enumerate(explanations):
             save_png(explanation_image(expl), Path(explain_dir) / f"{_stem(index, path)}_face{j}.png")
 
 
@@ -205,7 +214,7 @@ def _predict_video(rec: Recognizer, index: int, path: Path, writer: Writer, dete
     video = VideoWriter(Path(annotate_dir) / f"{_stem(index, path)}.mp4") if annotate_dir else None
     latest: list[FaceResult] = []
     try:
-        for i, frame, sampled in _video_frames(path, stride):
+        for i, frame, sampled in _video_frames(path, stride, every_frame=video is not None):
             if sampled:
                 latest = rec.predict(frame, detect=detect)
                 for j, r in enumerate(latest):
