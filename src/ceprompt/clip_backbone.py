@@ -65,6 +65,20 @@ class ClipSpec:
         except TypeError as exc:
             raise CheckpointError(f"{where}: incomplete CLIP spec ({exc})") from None
 
+    def validate(self, where: str = "spec") -> "ClipSpec":
+        """Refuse shapes no CLIP can have (a crafted or corrupted description)."""
+        problems = [
+            (self.vision_heads < 1 or self.vision_width % self.vision_heads, "vision width divisible by vision_heads"),
+            (self.text_heads < 1 or self.text_width % self.text_heads, "text width divisible by text_heads"),
+            (self.patch_size < 1 or self.image_size % self.patch_size, "image_size divisible by patch_size"),
+            (min(self.embed_dim, self.vision_layers, self.text_layers, self.context_length, self.vocab_size) < 1,
+             "positive sizes"),
+        ]
+        for bad, expected in problems:
+            if bad:
+                raise CheckpointError(f"{where}: impossible CLIP shape ({self.describe()}); expected {expected}")
+        return self
+
     def describe(self) -> str:
         return (
             f"ViT {self.image_size}px/{self.patch_size} width {self.vision_width} x{self.vision_layers}, "

@@ -10,8 +10,8 @@ Supported, detected from the content rather than the file name:
 * ``huggingface`` - a transformers CLIP folder (``config.json`` + ``model.safetensors`` or
   ``pytorch_model.bin``), e.g. a local copy of ``openai/clip-vit-base-patch16``.
 
-Pickle-based files are read with ``torch.load(weights_only=True)``; TorchScript archives are opened only
-by :func:`_read_torchscript`, which accepts nothing but an OpenAI-layout CLIP.
+Pickle-based files are read with ``torch.load(weights_only=True)``; TorchScript archives are read as
+data by :mod:`ceprompt.torchscript_data` (their code never runs) and accepted only in OpenAI's layout.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import struct
-import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from . import __version__
 from .clip_backbone import ClipSpec, build_clip, infer_spec
 from .errors import CheckpointError
 from .io_utils import atomic_write, sha256_file
+from .torchscript_data import archive_tensors, read_archive
 
 log = logging.getLogger(__name__)
 
@@ -144,23 +144,15 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
 
 
 def _read_torchscript(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Weights and activation of an OpenAI-layout TorchScript CLIP archive; nothing is executed."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated, OpenAI's files are not
-            archive = torch.jit.load(str(path), map_location="cpu")
-    except Exception as exc:
-        raise CheckpointError(f"{path}: cannot open the TorchScript archive ({str(exc).splitlines()[0][:200]})") from None
-    state_dict = archive.state_dict()
+    """Weights and activation of an OpenAI-layout TorchScript CLIP archive, read as data (nothing runs)."""
+    state_dict, classes = archive_tensors(read_archive(str(path)))
     if "visual.conv1.weight" not in state_dict or "text_projection" not in state_dict:
         raise CheckpointError(
             f"{path}: a TorchScript archive that is not an OpenAI-layout CLIP; only OpenAI's CLIP archives "
             "(ViT-B-16.pt and the like) are accepted in this format"
         )
-    modules = dict(archive.named_modules())
-    gelu = modules.get("visual.transformer.resblocks.0.mlp.gelu")
-    hints = {"quick_gelu": getattr(gelu, "original_name", "QuickGELU") == "QuickGELU"}
-    return state_dict, hints
+    gelu = classes.get("visual.transformer.resblocks.0.mlp.gelu", "QuickGELU")
+    return state_dict, {"quick_gelu": gelu == "QuickGELU"}
 
 
 def hf_to_open_clip(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

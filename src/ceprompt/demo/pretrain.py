@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from tqdm import tqdm
 from ..clip_backbone import build_clip, get_arch, tokenize
 from ..clip_files import save_clip_safetensors
 from ..config import IMAGENET_MEAN, IMAGENET_STD
+from ..io_utils import cache_dir
 from ..towers import text_encode_embeddings
 from .faces import generate
 
@@ -49,14 +49,6 @@ class PretrainSettings:
     def key(self) -> str:
         blob = json.dumps({**asdict(self), "generator": GENERATOR_VERSION}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-
-def cache_dir() -> Path:
-    """``$CEPROMPT_CACHE``, else ``$XDG_CACHE_HOME/ceprompt``, else ``~/.cache/ceprompt``."""
-    if os.environ.get("CEPROMPT_CACHE"):
-        return Path(os.environ["CEPROMPT_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "ceprompt"
 
 
 def images_to_tensor(images: list, size: int) -> torch.Tensor:

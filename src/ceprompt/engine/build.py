@@ -8,6 +8,7 @@ refuses any link whose architecture, classes or prompt settings do not match.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -24,7 +25,7 @@ from ..data.transforms import Preprocess, preprocess_for
 from ..errors import CheckpointError, ConfigError
 from ..eva import EVAModel
 from ..head import HeadConfig
-from ..io_utils import sha256_file
+from ..io_utils import verified_sha256
 from ..trainable import load_trainable
 from .checkpoint import read_checkpoint
 
@@ -39,14 +40,16 @@ class Backbone:
     record: dict[str, Any]  # how to find these weights again; stored in every checkpoint
 
 
-def load_backbone(cfg: BackboneConfig, hash_file: bool = True) -> Backbone:
-    """The user's CLIP from ``cfg.path``, or random weights of ``cfg.arch`` (tests, demo)."""
+def load_backbone(cfg: BackboneConfig, sha256: str | None = None) -> Backbone:
+    """The user's CLIP from ``cfg.path``, or random weights of ``cfg.arch`` (tests, demo).
+
+    ``sha256``: the file's hash when the caller has just verified it (not computed again).
+    """
     if cfg.path:
-        loaded = load_clip(cfg.path, quick_gelu=ACTIVATIONS[cfg.activation])
-        path = Path(cfg.path).expanduser().resolve()
-        record = {"path": str(path), "format": loaded.format, "activation": cfg.activation}
-        if hash_file and path.is_file():
-            record["sha256"] = sha256_file(path)
+        path = Path(cfg.path).expanduser()
+        loaded = load_clip(path, quick_gelu=ACTIVATIONS[cfg.activation])
+        record = {"path": str(path.resolve()), "format": loaded.format, "activation": cfg.activation,
+                  "sha256": sha256 or verified_sha256(path)}
         return Backbone(loaded.model, loaded.spec, record)
     if not cfg.arch:
         raise ConfigError("no CLIP weights given: set backbone.path (or pass --clip) to your CLIP file or folder")
@@ -54,14 +57,43 @@ def load_backbone(cfg: BackboneConfig, hash_file: bool = True) -> Backbone:
     return Backbone(clip, get_arch(cfg.arch), {"path": None, "arch": cfg.arch, "seed": cfg.seed})
 
 
-def backbone_from_record(record: dict[str, Any], where: str) -> Backbone:
+def resolve_recorded(record: dict[str, Any], checkpoint: Path, what: str) -> tuple[Path, str | None]:
+    """A file a checkpoint refers to, found and verified before it is opened.
+
+    A relative path is taken relative to the checkpoint's folder, never the working directory; the
+    ``relpath`` written beside an absolute one lets a folder of runs move as a whole. The recorded
+    SHA-256 must match (hashes are cached by size and modification time).
+    """
+    raw = record.get("path")
+    if not isinstance(raw, str) or not raw:
+        raise CheckpointError(f"{checkpoint}: no path recorded for its {what}")
+    base = checkpoint.parent
+    candidates = [base / record["relpath"]] if isinstance(record.get("relpath"), str) else []
+    candidates.append(Path(raw) if Path(raw).is_absolute() else base / raw)
+    candidates = [Path(os.path.normpath(c)) for c in candidates]
+    found = next((c for c in candidates if c.exists()), None)
+    if found is None:
+        raise CheckpointError(f"{checkpoint}: its {what} {candidates[-1]} is missing; restore it there")
+    want = record.get("sha256")
+    if not want:
+        log.warning("%s: no SHA-256 recorded for its %s %s; it is used unverified", checkpoint, what, found)
+        return found, None
+    got = verified_sha256(found)
+    if got != want:
+        raise CheckpointError(f"{checkpoint}: its {what} {found} is not the file it was made with (SHA-256 "
+                              f"{got[:16]}... now, {str(want)[:16]}... recorded); restore that file or retrain")
+    return found, got
+
+
+def backbone_from_record(record: dict[str, Any], checkpoint: Path) -> Backbone:
     if record.get("path"):
-        path = Path(record["path"])
-        if not path.exists():
-            raise CheckpointError(f"{where}: its CLIP backbone {path} is missing; restore it there "
-                                  "or retrain against the new location")
-        return load_backbone(BackboneConfig(path=str(path), activation=record.get("activation", "auto")),
-                             hash_file=False)
+        path, sha = resolve_recorded(record, checkpoint, "CLIP backbone")
+        activation = record.get("activation", "auto")
+        if activation not in ACTIVATIONS:
+            raise CheckpointError(f"{checkpoint}: backbone activation {activation!r}; expected one of {list(ACTIVATIONS)}")
+        return load_backbone(BackboneConfig(path=str(path), activation=activation), sha256=sha)
+    if not isinstance(record.get("arch"), str):
+        raise CheckpointError(f"{checkpoint}: its backbone record names neither a file nor an architecture")
     return load_backbone(BackboneConfig(path=None, arch=record["arch"], seed=int(record.get("seed", 0))))
 
 
@@ -97,7 +129,7 @@ def _stage2_model(cfg: Config, clip: CLIP, class_names: Sequence[str]) -> CATMod
     )
 
 
-def _load_stage1_into(backbone: Backbone, init: str | Path) -> dict[str, Any]:
+def _load_stage1_into(backbone: Backbone, init: str | Path, sha256: str | None = None) -> dict[str, Any]:
     tensors, meta, path = read_checkpoint(init)
     if meta.get("stage") != "eva":
         raise CheckpointError(f"{path}: backbone.init must be a stage-1 (eva) checkpoint, this is {meta.get('stage')!r}")
@@ -105,7 +137,7 @@ def _load_stage1_into(backbone: Backbone, init: str | Path) -> dict[str, Any]:
     # an inference-mode stage-1 model names exactly the weights the checkpoint must hold
     cfg1 = config_from_dict(meta["config"], where=f"{path} (recorded config)")
     load_trainable(_stage1_model(cfg1, backbone.clip, meta["class_names"], training=False), tensors, str(path))
-    return {"path": str(path.resolve()), "sha256": sha256_file(path), "class_names": meta["class_names"],
+    return {"path": str(path.resolve()), "sha256": sha256 or verified_sha256(path), "class_names": meta["class_names"],
             "backbone": meta["backbone"]}
 
 
@@ -127,8 +159,13 @@ def build_for_training(cfg: Config, class_names: Sequence[str]) -> BuiltModel:
     _, init_meta, init_path = read_checkpoint(cfg.backbone.init)
     if cfg.backbone.path:
         backbone = load_backbone(cfg.backbone)
+        recorded = init_meta["backbone"].get("sha256")
+        if recorded and recorded != backbone.record["sha256"]:
+            raise CheckpointError(f"{init_path} was trained on another CLIP file ({init_meta['backbone'].get('path')}) "
+                                  f"than backbone.path {cfg.backbone.path} (their SHA-256 differ); stage 2 must use "
+                                  "the stage-1 backbone: leave backbone.path unset")
     else:
-        backbone = backbone_from_record(init_meta["backbone"], str(init_path))
+        backbone = backbone_from_record(init_meta["backbone"], init_path)
     init = _load_stage1_into(backbone, init_path)
     if list(init["class_names"]) != list(class_names):
         log.warning("stage-1 checkpoint was trained for classes %s; stage 2 uses %s", init["class_names"], class_names)
@@ -142,20 +179,36 @@ def build_zero_shot(cfg: Config, class_names: Sequence[str]) -> BuiltModel:
     return BuiltModel(model, backbone.spec, backbone.record, None)
 
 
+def with_relpath(record: dict[str, Any] | None, folder: Path) -> dict[str, Any] | None:
+    """``record`` plus the path of its file relative to ``folder`` (where the checkpoint will be)."""
+    if not record or not record.get("path"):
+        return record
+    try:
+        rel = os.path.relpath(record["path"], folder.resolve())
+    except ValueError:  # another drive (Windows)
+        return record
+    return {**record, "relpath": rel}
+
+
 def checkpoint_meta(cfg: Config, built: BuiltModel, class_names: Sequence[str], preprocess: Preprocess,
-                    **extra: Any) -> dict[str, Any]:
+                    folder: Path | None = None, **extra: Any) -> dict[str, Any]:
+    """The description saved in a checkpoint; ``folder``: where it is saved (for relative paths)."""
     model = built.model
     prompts = model.prompts if isinstance(model, EVAModel) else None
+    backbone, init = built.backbone, built.init
+    if folder is not None:
+        backbone, init = with_relpath(backbone, folder), with_relpath(init, folder)
     return {
         "stage": cfg.stage,
         "class_names": list(class_names),
         "dataset": cfg.data.dataset,
         "clip_spec": built.spec.to_dict(),
-        "backbone": built.backbone,
-        "init": built.init,
+        "backbone": backbone,
+        "init": init,
         "prompts": prompts,
         "preprocess": preprocess.to_dict(),
         "config": cfg.to_dict(),
+        "notice": cfg.run.notice,
         **extra,
     }
 
@@ -175,18 +228,19 @@ def load_trained(checkpoint: str | Path) -> LoadedModel:
     cfg = config_from_dict(meta["config"], where=f"{path} (recorded config)")
     class_names = list(meta["class_names"])
     if meta["stage"] == "eva":
-        backbone = backbone_from_record(meta["backbone"], str(path))
+        backbone = backbone_from_record(meta["backbone"], path)
         check_spec(backbone.spec, meta["clip_spec"], str(path))
         model: nn.Module = _stage1_model(cfg, backbone.clip, class_names, training=False)
         load_trainable(model, tensors, str(path))
     else:
-        init = meta.get("init") or {}
-        init_path = Path(init.get("path", ""))
-        if not init_path.is_file():
-            raise CheckpointError(f"{path}: its stage-1 checkpoint {init_path} is missing; restore it there")
-        backbone = backbone_from_record(init["backbone"], str(init_path))
+        init = meta.get("init")
+        if not isinstance(init, dict):
+            raise CheckpointError(f"{path}: a stage-2 checkpoint without its stage-1 record (description field init)")
+        init_path, init_sha = resolve_recorded(init, path, "stage-1 checkpoint")
+        _, init_meta, init_path = read_checkpoint(init_path)
+        backbone = backbone_from_record(init_meta["backbone"], init_path)
         check_spec(backbone.spec, meta["clip_spec"], str(path))
-        _load_stage1_into(backbone, init_path)
+        _load_stage1_into(backbone, init_path, init_sha)
         model = _stage2_model(cfg, backbone.clip, class_names)
         load_trainable(model, tensors, str(path))
     pre = Preprocess.from_dict(meta["preprocess"])

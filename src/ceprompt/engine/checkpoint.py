@@ -12,6 +12,7 @@ with ``weights_only=True``.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -19,25 +20,41 @@ from typing import Any
 import torch
 
 from .. import __version__
-from ..errors import CheckpointError
+from ..errors import CheckpointError, TrainingError
 from ..io_utils import atomic_write
 
 META_KEY = "ceprompt.meta"
 KIND = "ceprompt-checkpoint"
 RESUME_NAME = "resume.pt"
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
 
 
-def save_checkpoint(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of floating-point tensors holding inf or NaN."""
+    return [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def save_checkpoint(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+                    dtype: torch.dtype = torch.float32) -> Path:
+    """Weights plus description; refuses non-finite weights; a failed write leaves the old file intact."""
     from safetensors.torch import save_file
 
     path = Path(path)
+    bad = non_finite(tensors)
+    if bad:
+        raise TrainingError(f"{path}: refusing to save non-finite weights ({', '.join(bad[:3])}"
+                            f"{' ...' if len(bad) > 3 else ''})")
     meta = {"kind": KIND, "ceprompt_version": __version__, **meta}
-    text = json.dumps(meta, indent=2, default=str)
-    with atomic_write(path) as tmp:
-        save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
-                  metadata={META_KEY: text, "format": "pt"})
-    with atomic_write(path.with_suffix(".json")) as tmp:
-        tmp.write_text(text + "\n")
+    text = json.dumps(meta, indent=2, default=str, allow_nan=False)
+    try:
+        with atomic_write(path) as tmp:
+            save_file({k: v.detach().to(dtype).contiguous().cpu() for k, v in tensors.items()}, str(tmp),
+                      metadata={META_KEY: text, "format": "pt"})
+        with atomic_write(path.with_suffix(".json")) as tmp:
+            tmp.write_text(text + "\n")
+    except OSError as exc:
+        raise TrainingError(f"{path}: cannot write the checkpoint ({exc.strerror or exc}); the previous file, "
+                            "if any, is intact") from None
     return path
 
 
@@ -77,14 +94,70 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         meta = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{resolved}: corrupt description ({exc})") from None
-    if meta.get("kind") != KIND:
-        raise CheckpointError(f"{resolved}: kind {meta.get('kind')!r} is not a ceprompt checkpoint")
+    if not isinstance(meta, dict) or meta.get("kind") != KIND:
+        kind = meta.get("kind") if isinstance(meta, dict) else type(meta).__name__
+        raise CheckpointError(f"{resolved}: kind {kind!r} is not a ceprompt checkpoint")
+    validate_meta(meta, str(resolved))
+    bad = non_finite(tensors)
+    if bad:
+        raise CheckpointError(f"{resolved}: holds non-finite weights ({', '.join(bad[:3])})")
     return tensors, meta, resolved
 
 
+def _fail(where: str, key: str, expected: str, value: Any) -> None:
+    raise CheckpointError(f"{where}: description field {key}={str(value)[:80]!r}; expected {expected}")
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def validate_meta(meta: dict[str, Any], where: str) -> None:
+    """Every field inference relies on, checked once, with one line per problem."""
+    from ..clip_backbone import ClipSpec
+    from ..config import STAGES
+
+    if meta.get("stage") not in STAGES:
+        _fail(where, "stage", f"one of {STAGES}", meta.get("stage"))
+    names = meta.get("class_names")
+    if (not isinstance(names, list) or len(names) < 2 or not all(isinstance(n, str) and n.strip() for n in names)
+            or len(set(names)) != len(names)):
+        _fail(where, "class_names", "a list of at least 2 distinct, non-empty names", names)
+    for key in ("config", "clip_spec", "preprocess", "backbone"):
+        if not isinstance(meta.get(key), dict):
+            _fail(where, key, "a mapping", meta.get(key))
+    spec = meta["clip_spec"]
+    for key, value in spec.items():
+        if key.endswith(("_ratio",)) and not (_finite_number(value) and value > 0):
+            _fail(where, f"clip_spec.{key}", "a positive number", value)
+        elif key != "quick_gelu" and not key.endswith("_ratio") and not (
+                isinstance(value, int) and not isinstance(value, bool) and value > 0):
+            _fail(where, f"clip_spec.{key}", "a positive integer", value)
+    ClipSpec.from_dict(spec, where=f"{where} (clip_spec)").validate(where)
+    pre = meta["preprocess"]
+    if not (isinstance(pre.get("image_size"), int) and pre["image_size"] > 0):
+        _fail(where, "preprocess.image_size", "a positive integer", pre.get("image_size"))
+    for key in ("mean", "std"):
+        v = pre.get(key)
+        if not (isinstance(v, list) and len(v) == 3 and all(_finite_number(x) for x in v)
+                and (key == "mean" or all(x > 0 for x in v))):
+            _fail(where, f"preprocess.{key}", "3 finite numbers" + (" > 0" if key == "std" else ""), v)
+    if pre.get("interpolation", "bicubic") not in INTERPOLATIONS:
+        _fail(where, "preprocess.interpolation", f"one of {INTERPOLATIONS}", pre.get("interpolation"))
+    calibration = meta.get("calibration")
+    if calibration is not None:
+        t = calibration.get("temperature") if isinstance(calibration, dict) else calibration
+        if not (_finite_number(t) and 0 < t <= 1e4):
+            _fail(where, "calibration.temperature", "a positive finite number", t)
+
+
 def save_resume(run_dir: Path, state: dict[str, Any]) -> Path:
-    with atomic_write(run_dir / RESUME_NAME) as tmp:
-        torch.save(state, tmp)
+    try:
+        with atomic_write(run_dir / RESUME_NAME) as tmp:
+            torch.save(state, tmp)
+    except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError
+        raise TrainingError(f"{run_dir / RESUME_NAME}: cannot write the resume state "
+                            f"({str(exc).splitlines()[0][:160]}); the previous one is intact") from None
     return run_dir / RESUME_NAME
 
 
