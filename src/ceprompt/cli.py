@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import warnings
 from typing import Callable, Sequence
 
 from . import __version__
 from .errors import CepromptError
+from .ranges import COUNT, POSITIVE, POSITIVE_INT, Range, arg
 
 Handler = Callable[[argparse.Namespace], int]
+MIN_FACE = 12  # MTCNN's smallest window; a smaller minimum would upscale every image 12/min-face times
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
@@ -51,6 +55,10 @@ def _train_config(args: argparse.Namespace):
         overrides.append("run.deterministic=true")
     if args.skip_bad_images:
         overrides.append("data.skip_bad_images=true")
+    if args.no_progress:
+        overrides.append("run.progress=false")
+    if args.allow_outside_root:
+        overrides.append("data.allow_outside_root=true")
     if args.resume:
         if args.config:
             raise ConfigError("--resume continues a run with its own config.yaml; do not pass --config")
@@ -68,7 +76,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = _train_config(args)
     run_dir = train(cfg, resume=args.resume, overwrite=args.overwrite)
-    print(f"run directory: {run_dir}")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one line, not one per process
+        print(f"run directory: {run_dir}")
     return 0
 
 
@@ -87,7 +96,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     run_eval(args.data, checkpoint=None if args.zero_shot else args.checkpoint, zero_shot_config=zero_shot,
              dataset=args.dataset, split=args.split, out=args.out, overwrite=args.overwrite,
              batch_size=args.batch_size, workers=args.workers, device=args.device, precision=args.precision,
-             progress=not args.no_progress)
+             progress=not args.no_progress, allow_outside_root=args.allow_outside_root)
     return 0
 
 
@@ -117,13 +126,17 @@ def _cmd_make_demo_data(args: argparse.Namespace) -> int:
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from .api import load
-    from .predict_job import run_predict
+    from .predict_job import plan_predict, run_predict
 
-    rec = load(args.checkpoint, device=args.device, precision=args.precision, detector_threshold=args.threshold,
-               min_face_size=args.min_face)
-    failed = run_predict(rec, args.inputs, output=args.output, fmt=args.format, detect=args.detect,
-                         annotate_dir=args.annotate, explain_dir=args.explain, video_stride=args.video_stride,
-                         batch_size=args.batch_size, overwrite=args.overwrite, progress=not args.no_progress)
+    plan = plan_predict(args.inputs, output=args.output, fmt=args.format, annotate_dir=args.annotate,
+                        explain_dir=args.explain, video_stride=args.video_stride, overwrite=args.overwrite)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the model's notice is printed below, once, without a path
+        rec = load(args.checkpoint, device=args.device, precision=args.precision,
+                   detector_threshold=args.threshold, min_face_size=args.min_face)
+    if rec.notice:
+        print(f"ceprompt predict: note: {rec.notice}", file=sys.stderr)
+    failed = run_predict(rec, plan, detect=args.detect, batch_size=args.batch_size, progress=not args.no_progress)
     if failed:
         print(f"ceprompt predict: {failed} file(s) failed; see the error column", file=sys.stderr)
     return 1 if failed else 0
@@ -161,24 +174,25 @@ def _cmd_check_data(args: argparse.Namespace) -> int:
 
     from .data.check import check_data
 
+    from .io_utils import atomic_write
+    from .paths import output_file
+
     classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
-    report = check_data(args.dataset, args.root, args.image_dir, classes, full=args.full, workers=args.workers)
+    json_path = output_file(args.json, overwrite=True, option="--json") if args.json else None
+    report = check_data(args.dataset, args.root, args.image_dir, classes, full=args.full, workers=args.workers,
+                        allow_outside_root=args.allow_outside_root)
     print(report.format())
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(report.to_dict(), fh, indent=2)
+    if json_path:
+        with atomic_write(json_path) as tmp:
+            tmp.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     return 0 if report.ok else 1
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from .server.app import serve
 
-    if args.max_upload_mb <= 0:
-        from .errors import ConfigError
-
-        raise ConfigError(f"--max-upload-mb {args.max_upload_mb}: expected a positive size")
     serve(args.checkpoint, host=args.host, port=args.port, max_upload_bytes=int(args.max_upload_mb * 1_000_000),
-          device=args.device)
+          device=args.device, allow_origins=args.allow_origin or [], allow_hosts=args.allow_host or [])
     return 0
 
 
@@ -186,7 +200,20 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
                    help="autocast precision; auto: bf16 on GPU, fp32 on CPU")
-    p.add_argument("--workers", type=int, help="data loading processes")
+    p.add_argument("--workers", type=arg(Range(0, 256, integer=True)), help="data loading processes")
+
+
+def _add_pixel_limit(p: argparse.ArgumentParser) -> None:
+    from .images import DEFAULT_MAX_PIXELS
+
+    p.add_argument("--max-pixels", type=arg(POSITIVE_INT), metavar="N",
+                   help=f"refuse images with more pixels than this, read from the header before decoding "
+                        f"(default {DEFAULT_MAX_PIXELS:,}, or $CEPROMPT_MAX_PIXELS)")
+
+
+def _add_outside_root(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-outside-root", action="store_true",
+                   help="accept index paths that are absolute or leave the dataset root through '..'")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -216,10 +243,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     p.add_argument("--output-dir", help="parent folder of run directories (run.output_dir)")
     p.add_argument("--name", help="run directory name (run.name)")
-    p.add_argument("--seed", type=int, help="random seed (run.seed)")
+    p.add_argument("--seed", type=arg(Range(0, 2**32 - 1, integer=True)), help="random seed (run.seed)")
     p.add_argument("--deterministic", action="store_true", help="deterministic algorithms for exact reruns")
     p.add_argument("--skip-bad-images", action="store_true",
-                   help="leave unreadable images out (listed in the run's skipped_images.txt) instead of refusing")
+                   help="decode every image first and leave unreadable ones out (listed in the run's "
+                        "skipped_images.txt) instead of refusing")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (run.progress=false)")
+    _add_outside_root(p)
+    _add_pixel_limit(p)
     _add_runtime_args(p)
     p.set_defaults(handler=_cmd_train)
 
@@ -230,7 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", help="folder datasets: class order, comma-separated")
     p.add_argument("--full", action="store_true", help="decode every image completely (slower, catches truncation)")
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
-    p.add_argument("--workers", type=int, default=8, help="threads opening images")
+    p.add_argument("--workers", type=arg(Range(1, 256, integer=True)), default=8, help="threads opening images")
+    _add_outside_root(p)
+    _add_pixel_limit(p)
     p.set_defaults(handler=_cmd_check_data)
 
     p = verbs.add_parser("eval", help="evaluate a checkpoint (or zero-shot CLIP) on a dataset: metrics, "
@@ -241,12 +274,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["test", "train"], default="test")
     p.add_argument("--out", help="report folder (default runs/eval-<time>)")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty report folder")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=arg(POSITIVE_INT), default=64)
     p.add_argument("--zero-shot", action="store_true", help="plain CLIP with the stage-1 prompts (baseline)")
     p.add_argument("--config", help="zero-shot: config giving backbone/head/prompt settings")
     p.add_argument("--clip", help="zero-shot: CLIP weights (backbone.path)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="zero-shot: config override")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_outside_root(p)
+    _add_pixel_limit(p)
     _add_runtime_args(p)
     p.set_defaults(handler=_cmd_eval, device="auto", precision="auto", workers=4)
 
@@ -259,12 +294,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="find faces with MTCNN (default) or take each image as one face crop")
     p.add_argument("--annotate", metavar="DIR", help="write images/videos with boxes and labels here")
     p.add_argument("--explain", metavar="DIR", help="write a heat map of the evidence per face here")
-    p.add_argument("--video-stride", type=int, default=5, help="classify every N-th video frame (default 5)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--threshold", type=float, default=0.9, help="face detector confidence threshold")
-    p.add_argument("--min-face", type=int, default=20, help="smallest face side in pixels")
+    p.add_argument("--video-stride", type=arg(POSITIVE_INT), default=5,
+                   help="classify every N-th video frame (default 5)")
+    p.add_argument("--batch-size", type=arg(POSITIVE_INT), default=32)
+    p.add_argument("--threshold", type=arg(Range(0, 1, lo_open=True)), default=0.9,
+                   help="face detector confidence threshold, in (0, 1] (default 0.9)")
+    p.add_argument("--min-face", type=arg(Range(MIN_FACE, 100_000, integer=True)), default=20,
+                   help=f"smallest face side in pixels, >= {MIN_FACE} (default 20)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--no-progress", action="store_true")
+    _add_pixel_limit(p)
     _add_runtime_args(p)
     p.set_defaults(handler=_cmd_predict, device="auto", precision="auto")
 
@@ -286,32 +325,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace existing index files")
     p.add_argument("--device", help="device for --align (cpu or cuda)")
     p.add_argument("--no-progress", action="store_true")
+    _add_pixel_limit(p)
     p.set_defaults(handler=_cmd_prepare)
 
     p = verbs.add_parser("serve", help="a local web page (and JSON API) to try a model on photos")
     p.add_argument("checkpoint", nargs="?", help="checkpoint or run directory (default: the demo model)")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload (default 10 MB)")
+    p.add_argument("--port", type=arg(Range(0, 65535, integer=True)), default=8000)
+    p.add_argument("--max-upload-mb", type=arg(Range(0, 10_000, lo_open=True)), default=10.0,
+                   help="largest accepted upload (default 10 MB)")
+    p.add_argument("--allow-origin", action="append", metavar="ORIGIN",
+                   help="also accept browser requests from this origin, e.g. https://lab.example.org "
+                        "(repeatable; default: same origin only)")
+    p.add_argument("--allow-host", action="append", metavar="NAME",
+                   help="also accept this Host header (repeatable; default: the listening address, loopback "
+                        "names and, on 0.0.0.0, this machine's names and IP addresses)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    _add_pixel_limit(p)
     p.set_defaults(handler=_cmd_serve)
 
     p = verbs.add_parser("demo", help="the whole method on generated faces and a small CLIP, on a CPU")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--quick", action="store_true", help="smaller data and shorter training (about 2 minutes)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("--workers", type=int, default=2, help="processes for data generation and loading")
+    p.add_argument("--seed", type=arg(Range(0, 2**31 - 1, integer=True)), default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier demo folder (only one ceprompt made)")
+    p.add_argument("--workers", type=arg(Range(0, 64, integer=True)), default=2,
+                   help="processes for data generation and loading")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(handler=_cmd_demo)
 
     p = verbs.add_parser("make-demo-data", help="write generated expression faces in the RAF-DB layout")
     p.add_argument("out", help="output folder (must be new or empty)")
-    p.add_argument("--n-train", type=int, default=2100)
-    p.add_argument("--n-test", type=int, default=700)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", type=int, default=64, help="image side in pixels")
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--n-train", type=arg(Range(1, 10_000_000, integer=True)), default=2100)
+    p.add_argument("--n-test", type=arg(Range(1, 10_000_000, integer=True)), default=700)
+    p.add_argument("--seed", type=arg(Range(0, 2**31 - 1, integer=True)), default=0)
+    p.add_argument("--size", type=arg(Range(16, 4096, integer=True)), default=64, help="image side in pixels")
+    p.add_argument("--workers", type=arg(Range(1, 64, integer=True)), default=2)
     p.set_defaults(handler=_cmd_make_demo_data)
 
     p = verbs.add_parser("doctor", help="report versions and devices; round-trip a tiny CLIP through every format")
@@ -329,8 +378,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     handler: Handler = args.handler
+    from .images import pixel_limit
+
     try:
-        return handler(args)
+        with pixel_limit(getattr(args, "max_pixels", None)):
+            return handler(args)
     except CepromptError as exc:
         print(f"ceprompt {args.verb}: error: {exc}", file=sys.stderr)
         return 1

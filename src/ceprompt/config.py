@@ -19,6 +19,7 @@ import yaml
 
 from .errors import ConfigError
 from .prompts import DEFAULT_TEMPLATE
+from .ranges import COUNT, POSITIVE, POSITIVE_INT, UNIT, Range, check
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -47,7 +48,8 @@ class DataConfig:
     balanced_sampler: bool | None = None  # draw classes equally (1/count weights); None: dataset's own (AffectNet)
     workers: int = 4  # data loading processes per GPU/process
     verify_images: bool = True  # open every image header before training; unreadable files are errors
-    skip_bad_images: bool = False  # leave unreadable images out (listed in the run directory) instead
+    skip_bad_images: bool = False  # decode every image first; leave unreadable ones out (listed in the run)
+    allow_outside_root: bool = False  # accept index paths that are absolute or leave the root through ../
     cache_images: bool = False  # keep decoded images in memory (small datasets, many epochs)
 
 
@@ -105,6 +107,7 @@ class RunConfig:
     teacher_cache: bool = True  # stage 1, flip-only augmentation: reuse the frozen teacher's embeddings
     progress: bool = True  # progress bars (rank 0 only)
     final_eval: bool = True  # full evaluation of the best checkpoint at the end (metrics, confusion matrix)
+    notice: str | None = None  # said with every use of the trained model (the demo's: drawn faces only)
 
 
 @dataclass
@@ -122,27 +125,82 @@ class Config:
         return dataclasses.asdict(self)
 
     def validate(self) -> "Config":
+        for name, value in _numeric_fields(self):
+            if value is not None or name not in NULLABLE:
+                check(name, value, RANGES[name])
+        o = self.optim
         checks = [
             (self.stage in STAGES, f"stage={self.stage!r}; expected one of {STAGES}"),
-            (self.optim.name in ("adamw", "sgd"), f"optim.name={self.optim.name!r}; expected adamw or sgd"),
-            (self.optim.epochs >= 1, f"optim.epochs={self.optim.epochs}; expected >= 1"),
-            (self.optim.lr > 0, f"optim.lr={self.optim.lr}; expected > 0"),
-            (0 <= self.optim.warmup_epochs <= self.optim.epochs,
-             f"optim.warmup_epochs={self.optim.warmup_epochs}; expected 0..optim.epochs"),
-            (self.optim.batch_size >= 1 and self.optim.accum_steps >= 1,
-             "optim.batch_size and optim.accum_steps must be >= 1"),
+            (o.name in ("adamw", "sgd"), f"optim.name={o.name!r}; expected adamw or sgd"),
+            (o.min_lr <= o.lr, f"optim.min_lr={o.min_lr}; expected <= optim.lr ({o.lr})"),
+            (o.warmup_epochs <= o.epochs, f"optim.warmup_epochs={o.warmup_epochs}; expected 0..optim.epochs"),
             (self.run.precision in ("auto", "fp32", "bf16", "fp16"),
              f"run.precision={self.run.precision!r}; expected auto, fp32, bf16 or fp16"),
             (self.backbone.activation in ("auto", "quickgelu", "gelu"),
              f"backbone.activation={self.backbone.activation!r}; expected auto, quickgelu or gelu"),
-            (len(self.data.mean) == 3 and len(self.data.std) == 3 and all(s > 0 for s in self.data.std),
+            (len(self.data.mean) == 3 and len(self.data.std) == 3,
              "data.mean and data.std need 3 values each (std > 0)"),
-            (self.run.eval_every >= 1, f"run.eval_every={self.run.eval_every}; expected >= 1"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
         return self
+
+
+# Allowed values of every numeric field (tests check that none is missing). Upper bounds are far
+# beyond any sensible setting; they exist to refuse typos such as optim.lr=1e30 before a run starts.
+RANGES: dict[str, Range] = {
+    "backbone.seed": Range(0, 2**32 - 1, integer=True),
+    "data.mean": Range(-10, 10),
+    "data.std": Range(0, 10, lo_open=True),
+    "data.workers": Range(0, 256, integer=True),
+    "head.top_k": POSITIVE_INT,
+    "head.alpha": UNIT,
+    "head.logit_scale": Range(0, 1000, lo_open=True),
+    "eva.fix_layer": COUNT,
+    "eva.kd_weight": Range(0, 1000),
+    "cat.n_ctx": Range(0, 64, integer=True),
+    "cat.prompt_depth": COUNT,
+    "optim.lr": Range(0, 1, lo_open=True),
+    "optim.min_lr": Range(0, 1),
+    "optim.weight_decay": UNIT,
+    "optim.layer_decay": Range(0, 1, lo_open=True),
+    "optim.momentum": Range(0, 1, hi_open=True),
+    "optim.epochs": Range(1, 100_000, integer=True),
+    "optim.warmup_epochs": Range(0, 100_000),
+    "optim.batch_size": Range(1, 1 << 20, integer=True),
+    "optim.accum_steps": Range(1, 1 << 20, integer=True),
+    "optim.grad_clip": POSITIVE,
+    "run.seed": Range(0, 2**32 - 1, integer=True),
+    "run.eval_every": Range(1, 100_000, integer=True),
+}
+NULLABLE = {"optim.grad_clip"}  # None means "off"
+
+
+def _numeric_fields(cfg: "Config") -> list[tuple[str, Any]]:
+    """(dotted name, value) of every int/float field and every element of a list-of-numbers field."""
+    out: list[tuple[str, Any]] = []
+    for section in dataclasses.fields(cfg):
+        obj = getattr(cfg, section.name)
+        if not dataclasses.is_dataclass(obj):
+            continue
+        hints = typing.get_type_hints(type(obj))
+        for f in dataclasses.fields(obj):
+            name, value = f"{section.name}.{f.name}", getattr(obj, f.name)
+            if not _is_numeric(hints[f.name]):
+                continue
+            if isinstance(value, list):
+                out.extend((name, v) for v in value)
+            else:
+                out.append((name, value))
+    return out
+
+
+def _is_numeric(annotation: Any) -> bool:
+    options = typing.get_args(annotation) or (annotation,)
+    if typing.get_origin(annotation) is list:
+        options = typing.get_args(annotation)
+    return any(o in (int, float) for o in options) and not any(o in (str, bool) for o in options)
 
 
 def _coerce(value: Any, annotation: Any, key: str) -> Any:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 from ..config import load_config
 from ..engine.eval_job import run_eval
 from ..engine.train import train
-from ..errors import ConfigError
+from ..owned_dirs import OwnedDir
 from .pretrain import PretrainSettings, cached_clip, demo_clip_path
 from .report import write_demo_report
 
@@ -43,22 +42,31 @@ QUICK = DemoPlan(n_train=1050, n_test=350, pretrain=PretrainSettings(steps=400),
                  overrides=("run.eval_every=3",))
 
 
-def _prepare_out(out: Path, overwrite: bool) -> Path:
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise ConfigError(f"{out}: exists and is not empty; pass --overwrite or choose another --out")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+def _has_report(folder: Path) -> bool:
+    return (folder / "report" / "results.json").is_file() or (folder / "stage1").is_dir()
 
 
 def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, overwrite: bool = False,
              workers: int = 2, progress: bool = True) -> dict[str, Any]:
     """Run the demo; returns the results table (also written to ``out/report/results.json``)."""
+    plan = QUICK if quick else FULL
+    owned = OwnedDir(Path(out), "demo folder", _has_report, overwrite).plan()
+    out = owned.open()
+    try:
+        results = _run(out, plan, quick, seed, workers, progress)
+    except BaseException:
+        owned.rollback()
+        raise
+    else:
+        owned.commit()
+    finally:
+        owned.close()
+    return results
+
+
+def _run(out: Path, plan: DemoPlan, quick: bool, seed: int, workers: int, progress: bool) -> dict[str, Any]:
     from .faces import write_rafdb_dataset
 
-    plan = QUICK if quick else FULL
-    out = _prepare_out(Path(out).expanduser(), overwrite)
     start = time.perf_counter()
     timings: dict[str, float] = {}
 

@@ -11,6 +11,8 @@ from ..config import Config
 from ..data.datasets import FERDataset, load_splits
 from ..data.transforms import test_transform
 from ..errors import CheckpointError, ConfigError
+from ..paths import output_dir
+from ..ranges import POSITIVE_INT, check
 from .build import build_zero_shot, load_trained, preprocess_from_config
 from .evaluate import evaluate, format_metrics, write_report
 from .runtime import setup_runtime, teardown_runtime
@@ -20,9 +22,7 @@ log = logging.getLogger(__name__)
 
 def _out_dir(out: str | Path | None, overwrite: bool) -> Path:
     path = Path(out).expanduser() if out else Path("runs") / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
-    if path.exists() and any(path.iterdir()) and not overwrite:
-        raise ConfigError(f"{path}: output folder exists and is not empty; pass --overwrite or another --out")
-    return path
+    return output_dir(path, "--out", must_be_empty=True, overwrite=overwrite)
 
 
 def run_eval(
@@ -38,12 +38,15 @@ def run_eval(
     device: str = "auto",
     precision: str = "auto",
     progress: bool = True,
+    allow_outside_root: bool = False,
 ) -> dict[str, Any]:
     """Evaluate and write metrics.json, predictions.csv, confusion_matrix.{csv,png}; returns the metrics."""
     if (checkpoint is None) == (zero_shot_config is None):
         raise ConfigError("give either a checkpoint or --zero-shot with a backbone")
+    check("batch_size", batch_size, POSITIVE_INT)
     rt = setup_runtime(device, precision)
     try:
+        out_dir = _out_dir(out, overwrite) if rt.is_main else None  # before any model or data is loaded
         if checkpoint is not None:
             loaded = load_trained(checkpoint)
             model, class_names, pre = loaded.model, loaded.class_names, loaded.preprocess
@@ -54,7 +57,7 @@ def run_eval(
             dataset = dataset or cfg.data.dataset
             class_names = None
             source = {"zero_shot": True, "backbone": cfg.backbone.path or cfg.backbone.arch}
-        splits = load_splits(dataset, data_root, verify_images=False)
+        splits = load_splits(dataset, data_root, verify_images=False, allow_outside_root=allow_outside_root)
         if dataset == "folder" and class_names and set(splits.class_names) == set(class_names):
             splits = load_splits(dataset, data_root, classes=class_names, verify_images=False)  # checkpoint's order
         if checkpoint is None:
@@ -69,7 +72,6 @@ def run_eval(
             raise ConfigError(f"{dataset} at {data_root}: the {split} split is empty")
         data = FERDataset(samples, pre.resize(), test_transform(pre))
         model = model.to(rt.device)
-        out_dir = _out_dir(out, overwrite) if rt.is_main else None
         metrics, scores = evaluate(model, data, class_names, rt, batch_size, workers, progress)
         if rt.is_main:
             extra = {**source, "dataset": dataset, "data_root": str(data_root), "split": split}

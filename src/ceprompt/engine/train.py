@@ -16,7 +16,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -30,13 +30,15 @@ from ..config import Config, dump_config
 from ..data.datasets import FERDataset, Splits, default_augment, default_balanced, load_splits
 from ..data.samplers import TrainSampler
 from ..data.transforms import test_transform, train_augment
-from ..errors import ConfigError, DataError, TrainingError
+from ..errors import CepromptError, ConfigError, DataError, TrainingError
 from ..eva import EVAModel
 from ..io_utils import atomic_write
+from ..owned_dirs import MARKER, DirLock, OwnedDir
+from ..paths import escapes
 from ..metrics import fit_temperature
 from ..trainable import load_trainable
 from .build import BuiltModel, build_for_training, checkpoint_meta, preprocess_from_config
-from .checkpoint import load_resume, read_checkpoint, save_checkpoint, save_resume
+from .checkpoint import RESUME_NAME, load_resume, read_checkpoint, save_checkpoint, save_resume
 from .evaluate import evaluate, format_metrics, reraise_worker_error, unwrap, write_report
 from .runtime import Runtime, epoch_seed, seed_everything, setup_runtime, teardown_runtime, usable_workers
 from .schedule import apply_lr, lr_at
@@ -46,31 +48,33 @@ SUMMARY_FIELDS = ["epoch", "lr", "train_loss", "train_ce", "train_kd", "train_ac
                   "test_mean_class_accuracy", "test_macro_f1", "epoch_seconds", "train_images_per_second"]
 
 
-def new_run_dir(cfg: Config, rt: Runtime, overwrite: bool) -> Path:
-    """Create the run directory (name chosen by rank 0); never reuse a non-empty one unless asked."""
+def run_dir_path(cfg: Config, rt: Runtime) -> Path:
+    """``run.output_dir / run.name`` (name chosen by rank 0 when not given)."""
     name = cfg.run.name or f"{cfg.data.dataset}-{cfg.stage}-{time.strftime('%Y%m%d-%H%M%S')}"
     name = rt.gather(name)[0]
-    run_dir = Path(cfg.run.output_dir).expanduser() / name
-    error = None
+    if escapes(name) or Path(name).name != name:
+        raise ConfigError(f"run.name={name!r}: expected a plain folder name (no '/', '..' or absolute path); "
+                          "use run.output_dir (--output-dir) for the parent folder")
+    return Path(cfg.run.output_dir).expanduser() / name
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    return (run_dir / RESUME_NAME).is_file() or any((run_dir / "checkpoints").glob("*.safetensors"))
+
+
+def on_rank0(rt: Runtime, action: Callable[[], Any]) -> Any:
+    """Run ``action`` on rank 0 only; a CepromptError there is raised on every rank."""
+    error, value = None, None
     if rt.is_main:
         try:
-            if run_dir.exists() and any(run_dir.iterdir()):
-                if not overwrite:
-                    raise ConfigError(f"{run_dir}: run directory exists and is not empty; choose another "
-                                      "run.name, continue it with --resume, or pass --overwrite")
-                shutil.rmtree(run_dir)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            probe = run_dir / ".write-test"
-            probe.write_bytes(b"0" * 4096)
-            probe.unlink()
-        except OSError as exc:
-            error = f"{run_dir}: cannot write the run directory ({exc.strerror or exc})"
-        except ConfigError as exc:
-            error = str(exc)
-    errors = [e for e in rt.gather(error) if e]
+            value = action()
+        except CepromptError as exc:
+            error = exc
+    errors = [e for e in rt.gather(None if error is None else (type(error), str(error))) if e]
     if errors:
-        raise ConfigError(errors[0])
-    return run_dir
+        kind, message = errors[0]
+        raise kind(message)
+    return value
 
 
 def check_free_space(run_dir: Path, trainable: int, optimizer_copies: int) -> None:
@@ -89,7 +93,8 @@ def load_data(cfg: Config, rt: Runtime) -> Splits:
     if rt.is_main:
         try:
             splits = load_splits(d.dataset, d.root or "", d.image_dir, d.classes, d.verify_images,
-                                 d.skip_bad_images, workers=max(d.workers, 4))
+                                 d.skip_bad_images, workers=max(d.workers, 4),
+                                 allow_outside_root=d.allow_outside_root)
         except DataError as exc:
             error = str(exc)
     shared = rt.gather((error, splits))[0]
@@ -124,8 +129,12 @@ class EpochStats:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, rt: Runtime, run_dir: Path, resuming: bool) -> None:
-        self.cfg, self.rt, self.run_dir = cfg, rt, run_dir
+    """Everything a run needs, built (and so validated) before its directory is touched; then
+    :meth:`attach` binds it to the run directory and :meth:`fit` trains."""
+
+    def __init__(self, cfg: Config, rt: Runtime) -> None:
+        self.cfg, self.rt = cfg, rt
+        self.run_dir = Path()
         self.splits = load_data(cfg, rt)
         self.class_names = self.splits.class_names
         self.built: BuiltModel = build_for_training(cfg, self.class_names)
@@ -164,15 +173,23 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * o.epochs
         self.warmup_steps = round(o.warmup_epochs * self.steps_per_epoch)
         self.start_epoch, self.best_accuracy, self.best_epoch = 0, -1.0, -1
-        self.writer = self._tensorboard() if rt.is_main else None
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.writer = None
+        self.on_checkpoint: Callable[[], None] = lambda: None
+
+    def attach(self, run_dir: Path, resuming: bool) -> None:
+        """Bind to the (created or resumed) run directory: space check, logs, restored state."""
+        self.run_dir = run_dir
+        cfg, rt, o = self.cfg, self.rt, self.cfg.optim
         if rt.is_main:
-            trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+            trainable = sum(p.numel() for p in self.trainable)
             check_free_space(run_dir, trainable, 2 if o.name == "adamw" else 1)
+            self.writer = self._tensorboard()
             log.info("%d training / %d test images, classes %s", len(self.train_set), len(self.test_set),
                      self.class_names)
             log.info("stage %s, %s trainable parameters, micro-batch %d x %d process(es) x %d accumulation, "
-                     "%s on %s", cfg.stage, f"{trainable:,}", self.micro_batch, rt.world, o.accum_steps,
-                     rt.precision, rt.device)
+                     "%s on %s, %d thread(s)", cfg.stage, f"{trainable:,}", self.micro_batch, rt.world,
+                     o.accum_steps, rt.precision, rt.device, torch.get_num_threads())
             if self.splits.skipped:
                 (run_dir / "skipped_images.txt").write_text("\n".join(self.splits.skipped) + "\n")
         if resuming:
@@ -193,10 +210,18 @@ class Trainer:
         if changed:
             raise ConfigError(f"{self.run_dir / 'resume.pt'}: the model differs from the one being resumed: "
                               + "; ".join(changed))
+        saved_optim = state.get("optimizer_name", self.cfg.optim.name)
+        if saved_optim != self.cfg.optim.name:
+            raise ConfigError(f"{self.run_dir / 'resume.pt'}: optim.name={saved_optim!r} in the saved state, "
+                              f"{self.cfg.optim.name!r} now; a resumed run keeps its optimiser")
         load_trainable(self.model, state["model"], str(self.run_dir / "resume.pt"))
         if isinstance(self.model, EVAModel):
             self.model.load_teacher_cache_state(state.get("teacher_cache", {}))
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise ConfigError(f"{self.run_dir / 'resume.pt'}: the saved optimiser state does not fit this run "
+                              f"({str(exc).splitlines()[0][:160]})") from None
         self.scaler.load_state_dict(state["scaler"])
         self.start_epoch = int(state["epoch"])
         self.best_accuracy, self.best_epoch = float(state["best_accuracy"]), int(state["best_epoch"])
@@ -270,6 +295,7 @@ class Trainer:
                     self.scaler.step(self.optimizer)
                     self.scaler.update()
                     self.optimizer.zero_grad(set_to_none=True)
+                    self._check_weights(epoch, i)
                 n = len(labels)
                 sums += torch.tensor([out.loss.item() * n, out.parts["ce"].item() * n,
                                       out.parts.get("kd", torch.zeros(())).item() * n,
@@ -295,12 +321,23 @@ class Trainer:
                 "run.precision=fp32"
             )
 
+    def _check_weights(self, epoch: int, batch: int) -> None:
+        """A step that made any weight inf or NaN stops the run, like a non-finite loss."""
+        finite = torch.stack([torch.isfinite(p).all() for p in self.trainable]).all()
+        if self.rt.sum([0.0 if finite.item() else 1.0])[0]:
+            raise TrainingError(
+                f"non-finite weights after epoch {epoch + 1}, batch {batch + 1} (optimiser step "
+                f"{epoch * self.steps_per_epoch + batch // self.cfg.optim.accum_steps}); nothing was saved over "
+                f"the last good checkpoint in {self.run_dir / 'checkpoints'}. Try a lower optim.lr, "
+                "optim.grad_clip or run.precision=fp32"
+            )
+
     def _meta(self, epoch: int, metrics: dict[str, Any] | None) -> dict[str, Any]:
         summary = None
         if metrics:
             summary = {k: metrics[k] for k in ("accuracy", "mean_class_accuracy", "macro_f1", "n")}
-        return checkpoint_meta(self.cfg, self.built, self.class_names, self.preprocess, epoch=epoch,
-                               test_metrics=summary)
+        return checkpoint_meta(self.cfg, self.built, self.class_names, self.preprocess,
+                               folder=self.run_dir / "checkpoints", epoch=epoch, test_metrics=summary)
 
     def _save(self, epoch: int, metrics: dict[str, Any] | None) -> None:
         config_text = dump_config(self.cfg)
@@ -317,6 +354,7 @@ class Trainer:
         save_checkpoint(ckpt / "last.safetensors", weights, meta)
         save_resume(self.run_dir, {
             "epoch": epoch + 1, "model": weights, "optimizer": self.optimizer.state_dict(),
+            "optimizer_name": self.cfg.optim.name,
             "scaler": self.scaler.state_dict(), "best_accuracy": self.best_accuracy, "best_epoch": self.best_epoch,
             "model_config": model_settings(self.cfg),
             "teacher_cache": self.model.teacher_cache_state() if isinstance(self.model, EVAModel) else {},
@@ -333,6 +371,7 @@ class Trainer:
                                       cfg.data.workers, cfg.run.progress)
             if rt.is_main:
                 self._save(epoch, metrics)
+                self.on_checkpoint()
                 self._report(epoch, stats, metrics)
             rt.barrier()
         if cfg.run.final_eval:
@@ -418,28 +457,66 @@ def _attach_log_file(run_dir: Path) -> logging.Handler:
     return handler
 
 
+def _plan_run(cfg: Config, rt: Runtime, resume: str | Path | None, overwrite: bool) -> tuple[OwnedDir | None, Path]:
+    """Check the run directory before anything is built: a resumable run, or one that may be (re)created."""
+    if resume is not None:
+        run_dir = Path(resume).expanduser()
+
+        def check_resumable() -> None:
+            if not has_checkpoint(run_dir):
+                raise ConfigError(f"{run_dir}: nothing to resume: the run stopped before its first epoch ended; "
+                                  "start it again with the same command without --resume")
+        on_rank0(rt, check_resumable)
+        return None, run_dir
+    path = run_dir_path(cfg, rt)
+    protected = [cfg.data.root, cfg.backbone.path, cfg.backbone.init]
+    owned = OwnedDir(path, "run directory", has_checkpoint, overwrite, protected)
+    on_rank0(rt, owned.plan)
+    return owned, path
+
+
 def train(cfg: Config, resume: str | Path | None = None, overwrite: bool = False) -> Path:
-    """Run (or continue) a training run; returns its directory."""
+    """Run (or continue) a training run; returns its directory.
+
+    Everything is validated (config, data, backbone, stage-1 checkpoint) before the run directory is
+    created or replaced; a replaced run disappears only once the new one has saved a checkpoint.
+    """
     rt = setup_runtime(cfg.run.device, cfg.run.precision, cfg.run.deterministic)
-    handler = None
+    handler, owned, lock = None, None, None
     try:
         seed_everything(cfg.run.seed + rt.rank)
+        owned, run_dir = _plan_run(cfg, rt, resume, overwrite)
         if resume is not None:
-            run_dir = Path(resume).expanduser()
-            if rt.is_main:
-                remove_stale_temporaries(run_dir)
-        else:
-            run_dir = new_run_dir(cfg, rt, overwrite)
+            lock = on_rank0(rt, lambda: DirLock(run_dir).acquire())
+        trainer = Trainer(cfg, rt)
+        if owned is not None:
+            run_dir = Path(rt.gather(str(on_rank0(rt, owned.open)))[0])
+            trainer.on_checkpoint = owned.commit
         if rt.is_main:
+            if resume is not None:
+                remove_stale_temporaries(run_dir)
+                (run_dir / MARKER).touch()
             handler = _attach_log_file(run_dir)
             if resume is None:
-                (run_dir / "config.yaml").write_text(dump_config(cfg))
+                with atomic_write(run_dir / "config.yaml") as tmp:
+                    tmp.write_text(dump_config(cfg))
             log.info("run directory %s", run_dir)
         if not rt.is_main:
             logging.getLogger("ceprompt").setLevel(logging.WARNING)
-        return Trainer(cfg, rt, run_dir, resuming=resume is not None).fit()
+        trainer.attach(run_dir, resuming=resume is not None)
+        return trainer.fit()
+    except BaseException as exc:
+        if handler is not None:
+            log.error("training stopped: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        if owned is not None and rt.is_main:
+            owned.rollback()
+        raise
     finally:
         if handler is not None:
             logging.getLogger("ceprompt").removeHandler(handler)
             handler.close()
+        if owned is not None:
+            owned.close()
+        if lock is not None:
+            lock.release()
         teardown_runtime(rt)
