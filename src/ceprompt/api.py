@@ -12,6 +12,7 @@ training crops (:mod:`ceprompt.faces`); ``detect="none"`` takes each image as on
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -20,12 +21,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data.datasets import load_rgb
 from .engine.build import LoadedModel, load_trained
 from .engine.runtime import resolve_device, resolve_precision
-from .errors import ConfigError
+from .errors import CepromptError, ConfigError
 from .faces import DEFAULT_EXPAND, DetectedFace, FaceDetector, align_face, to_pil, whole_image_face
 from .head import patch_class_similarity
+from .images import open_image
 
 ImageInput = str | os.PathLike | Image.Image | np.ndarray
 DETECT_MODES = ("mtcnn", "none")
@@ -68,6 +69,8 @@ class Recognizer:
         self.preprocess = loaded.preprocess
         self.expand = expand
         self.temperature = float((self.meta.get("calibration") or {}).get("temperature", 1.0))
+        # What a user must know about this model, e.g. "learned drawn faces only" for the demo's.
+        self.notice: str | None = self.meta.get("notice") or None
         self._to_tensor = self.preprocess.to_tensor()
         self._resize = self.preprocess.resize()
         self._detector: FaceDetector | None = None
@@ -121,12 +124,25 @@ class Recognizer:
         """One record per face found in ``image``, largest face first; [] when there is none."""
         return self.predict_batch([image], detect=detect)[0]
 
-    def predict_batch(self, images: Iterable[ImageInput], detect: str = "mtcnn", batch_size: int = 32
-                      ) -> list[list[FaceResult]]:
-        """:meth:`predict` for many images, with the face crops classified in batches."""
-        found = [self.find_faces(self.load_image(img), detect) for img in images]
-        flat = [(i, face, crop) for i, faces in enumerate(found) for face, crop in faces]
-        results: list[list[FaceResult]] = [[] for _ in found]
+    def predict_batch(self, images: Iterable[ImageInput], detect: str = "mtcnn", batch_size: int = 32,
+                      on_error: str = "raise") -> list[Any]:
+        """:meth:`predict` for many images, with the face crops classified in batches.
+
+        ``on_error="return"`` puts the :class:`~ceprompt.errors.CepromptError` of an image that cannot be
+        read or searched in that image's place instead of raising, so one bad file loses nothing else.
+        """
+        if on_error not in ("raise", "return"):
+            raise ConfigError(f"on_error={on_error!r}; expected 'raise' or 'return'")
+        found: list[Any] = []
+        for img in images:
+            try:
+                found.append(self.find_faces(self.load_image(img), detect))
+            except CepromptError as exc:
+                if on_error == "raise":
+                    raise
+                found.append(exc)
+        flat = [(i, face, crop) for i, faces in enumerate(found) if isinstance(faces, list) for face, crop in faces]
+        results: list[Any] = [faces if isinstance(faces, CepromptError) else [] for faces in found]
         for start in range(0, len(flat), batch_size):
             chunk = flat[start:start + batch_size]
             scores, _ = self._score([crop for _, _, crop in chunk])
@@ -154,11 +170,18 @@ class Recognizer:
 
     @staticmethod
     def load_image(image: ImageInput) -> Image.Image:
+        """Upright 8-bit RGB (:func:`ceprompt.images.open_image` for paths)."""
         if isinstance(image, (str, os.PathLike)):
-            return load_rgb(str(image))
+            return open_image(image)
         return to_pil(image)
 
 
 def load(checkpoint: str | os.PathLike, device: str = "auto", precision: str = "auto", **kwargs: Any) -> Recognizer:
-    """A :class:`Recognizer` for a checkpoint file or run directory (its best checkpoint)."""
-    return Recognizer(load_trained(Path(checkpoint)), device=device, precision=precision, **kwargs)
+    """A :class:`Recognizer` for a checkpoint file or run directory (its best checkpoint).
+
+    A model that carries a notice (the demo's: drawn faces only) says so with a warning.
+    """
+    rec = Recognizer(load_trained(Path(checkpoint)), device=device, precision=precision, **kwargs)
+    if rec.notice:
+        warnings.warn(rec.notice, UserWarning, stacklevel=2)
+    return rec

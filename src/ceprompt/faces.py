@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import CepromptError
+from .images import as_rgb
 
 DEFAULT_EXPAND = 1.3
 Box = tuple[float, float, float, float]
@@ -71,12 +72,18 @@ class FaceDetector:
                 "face detection needs facenet-pytorch: pip install 'ceprompt[face]' "
                 "(or pass --detect none / detect='none' for images that are already face crops)"
             ) from None
-        self.threshold = threshold
+        self.threshold, self.min_face_size = threshold, min_face_size
         self.mtcnn = MTCNN(keep_all=True, min_face_size=min_face_size, device=device, post_process=False)
 
     def detect(self, image: Image.Image) -> list[DetectedFace]:
         """Faces above the confidence threshold, largest first; an empty list when there are none."""
-        boxes, probs, points = self.mtcnn.detect(image.convert("RGB"), landmarks=True)
+        if min(image.size) < self.min_face_size:  # no face of the minimum size fits (and MTCNN would fail)
+            return []
+        try:
+            boxes, probs, points = self.mtcnn.detect(image.convert("RGB"), landmarks=True)
+        except (RuntimeError, ValueError, IndexError) as exc:
+            raise CepromptError(f"face detection failed on this {image.width}x{image.height} image "
+                                f"({str(exc).splitlines()[0][:120]})") from None
         if boxes is None:
             return []
         faces = [
@@ -89,9 +96,10 @@ class FaceDetector:
 
 
 def to_pil(image: object) -> Image.Image:
-    """A PIL RGB image from a PIL image, a numpy array (H x W [x 3|4], uint8 or float in [0, 1]) or a path."""
+    """A PIL RGB image from a PIL image (EXIF orientation applied) or a numpy array (H x W [x 3|4], uint8 or
+    float in [0, 1])."""
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return as_rgb(image)
     if isinstance(image, np.ndarray):
         arr = image
         if arr.dtype != np.uint8:

@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import IO, Any, Iterator, Sequence
 
@@ -21,10 +22,15 @@ from tqdm import tqdm
 from .api import Explanation, FaceResult, Recognizer
 from .drawing import annotate, explanation_image, save_png
 from .errors import CepromptError, ConfigError
+from .images import IMAGE_SUFFIXES
+from .paths import file_stem, output_dir, output_file
+from .ranges import POSITIVE_INT, check
 
 log = logging.getLogger(__name__)
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v"}
+# Encoder per annotated-video container (the source's own suffix is kept); webm takes only VP8/VP9/AV1.
+VIDEO_CODECS = {".webm": "libvpx"}
+DEFAULT_VIDEO_CODEC = "mpeg4"
 
 
 def expand_inputs(paths: Sequence[str]) -> list[Path]:
@@ -37,6 +43,33 @@ def expand_inputs(paths: Sequence[str]) -> list[Path]:
         else:
             out.append(p)
     return out
+
+
+@dataclass
+class PredictPlan:
+    """Inputs and outputs of a predict run, all checked before the model is loaded."""
+
+    files: list[Path]
+    output: Path | None  # None: stdout
+    fmt: str
+    annotate_dir: Path | None
+    explain_dir: Path | None
+    video_stride: int
+
+
+def plan_predict(inputs: Sequence[str], output: str = "-", fmt: str | None = None, annotate_dir: str | None = None,
+                 explain_dir: str | None = None, video_stride: int = 5, overwrite: bool = False) -> PredictPlan:
+    check("--video-stride", video_stride, POSITIVE_INT)
+    fmt = fmt or ("jsonl" if output.endswith((".jsonl", ".json")) else "csv")
+    if fmt not in ("csv", "jsonl"):
+        raise ConfigError(f"--format {fmt!r}: expected csv or jsonl")
+    files = expand_inputs(inputs)
+    if not files:
+        raise ConfigError(f"no images or videos found in {list(inputs)}")
+    out = None if output == "-" else output_file(output, overwrite, "--output")
+    ann = output_dir(annotate_dir, "--annotate") if annotate_dir else None
+    expl = output_dir(explain_dir, "--explain") if explain_dir else None
+    return PredictPlan(files, out, fmt, ann, expl, video_stride)
 
 
 @dataclass
@@ -77,8 +110,8 @@ class Writer:
         self.fh.flush()
 
 
-def _video_frames(path: Path, stride: int, every_frame: bool) -> Iterator[tuple[int, Image.Image, bool]]:
-    """(index, frame, sampled): every ``stride``-th frame is ``sampled``; the others are decoded (the
+def _video_frames(path: Path, stride: int, every_frame: bool) -> Iterator[tuple[int, Image.Image, bool, Any]]:
+    """(index, frame, sampled, rate): every ``stride``-th frame is ``sampled``; the others are decoded (the
     codec needs them) but only converted to images when ``every_frame`` (annotated videos)."""
     try:
         import av
@@ -88,10 +121,12 @@ def _video_frames(path: Path, stride: int, every_frame: bool) -> Iterator[tuple[
         with av.open(str(path)) as container:
             if not container.streams.video:
                 raise CepromptError("no video stream")
+            stream = container.streams.video[0]
+            rate = stream.average_rate or stream.guessed_rate or Fraction(25)
             for i, frame in enumerate(container.decode(video=0)):
                 sampled = i % stride == 0
                 if sampled or every_frame:
-                    yield i, frame.to_image(), sampled
+                    yield i, frame.to_image(), sampled, rate
     except CepromptError:
         raise
     except Exception as exc:  # PyAV raises its own error types for undecodable input
@@ -99,20 +134,21 @@ def _video_frames(path: Path, stride: int, every_frame: bool) -> Iterator[tuple[
 
 
 class VideoWriter:
-    def __init__(self, path: Path, fps: float = 25.0) -> None:
+    """Annotated frames at the source's frame rate, in a container of the source's type."""
+
+    def __init__(self, path: Path) -> None:
         import av
 
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.container = av.open(str(path), mode="w")
         self.stream = None
-        self.fps = fps
 
-    def write(self, image: Image.Image) -> None:
+    def write(self, image: Image.Image, rate: Any) -> None:
         import av
 
         if self.stream is None:
-            self.stream = self.container.add_stream("mpeg4", rate=round(self.fps))
+            codec = VIDEO_CODECS.get(self.path.suffix.lower(), DEFAULT_VIDEO_CODEC)
+            self.stream = self.container.add_stream(codec, rate=Fraction(rate).limit_denominator(65535))
             self.stream.width, self.stream.height = image.width - image.width % 2, image.height - image.height % 2
             self.stream.pix_fmt = "yuv420p"
         frame = av.VideoFrame.from_image(image.crop((0, 0, self.stream.width, self.stream.height)))
@@ -127,25 +163,25 @@ class VideoWriter:
 
 
 def _stem(root_index: int, path: Path) -> str:
-    return f"{root_index:05d}_{path.stem}"
+    return f"{root_index:05d}_{file_stem(path.stem)}"
 
 
-def run_predict(rec: Recognizer, inputs: Sequence[str], output: str = "-", fmt: str | None = None,
-                detect: str = "mtcnn", annotate_dir: str | None = None, explain_dir: str | None = None,
-                video_stride: int = 5, batch_size: int = 32, overwrite: bool = False, progress: bool = True) -> int:
-    """Predict over ``inputs``; returns the number of files that failed."""
-    if video_stride < 1:
-        raise ConfigError(f"--video-stride {video_stride}: expected >= 1")
-    fmt = fmt or ("jsonl" if output.endswith((".jsonl", ".json")) else "csv")
-    if fmt not in ("csv", "jsonl"):
-        raise ConfigError(f"--format {fmt!r}: expected csv or jsonl")
-    files = expand_inputs(inputs)
-    if not files:
-        raise ConfigError(f"no images or videos found in {list(inputs)}")
-    if output != "-" and Path(output).exists() and not overwrite:
-        raise ConfigError(f"{output}: already exists; pass --overwrite or another --output")
-    fh = sys.stdout if output == "-" else open(output, "w", newline="")
-    writer = Writer(fh, fmt, rec.class_names)
+def _open_output(plan: PredictPlan) -> IO[str]:
+    # File names that are not UTF-8 (bytes kept by Python as surrogates) are written back as the same bytes.
+    if plan.output is None:
+        if hasattr(sys.stdout, "reconfigure"):
+            sys.stdout.reconfigure(errors="surrogateescape")
+        return sys.stdout
+    return open(plan.output, "w", newline="", encoding="utf-8", errors="surrogateescape")
+
+
+def run_predict(rec: Recognizer, plan: PredictPlan, detect: str = "mtcnn", batch_size: int = 32,
+                progress: bool = True) -> int:
+    """Predict over the plan's files; returns the number of files that failed."""
+    check("--batch-size", batch_size, POSITIVE_INT)
+    files = plan.files
+    fh = _open_output(plan)
+    writer = Writer(fh, plan.fmt, rec.class_names)
     failed = 0
     bar = tqdm(total=len(files), disable=not progress, unit="file", desc="predict", dynamic_ncols=True, file=sys.stderr)
     pending: list[tuple[int, Path, Image.Image]] = []  # images waiting to be classified together
@@ -154,17 +190,29 @@ def run_predict(rec: Recognizer, inputs: Sequence[str], output: str = "-", fmt: 
         nonlocal failed
         failed += 1
         writer.write(Row(str(path), None, None, None, error=str(exc).removeprefix(f"{path}: ")))
-        log.warning("%s: %s", path, exc)
+        log.warning("%s", str(exc) if str(exc).startswith(str(path)) else f"{path}: {exc}")
+
+    def explain_or_error(image: Image.Image) -> list[Explanation] | CepromptError:
+        try:
+            return rec.explain(image, detect=detect)
+        except CepromptError as exc:
+            return exc
 
     def flush() -> None:
         images = [im for _, _, im in pending]
-        if explain_dir:  # an explanation carries its face's result: detect and score each image once
-            explained = [rec.explain(im, detect=detect) for im in images]
-            found = [[e.face for e in expl] for expl in explained]
+        if plan.explain_dir:  # an explanation carries its face's result: detect and score each image once
+            explained = [explain_or_error(im) for im in images]
+            found = [e if isinstance(e, CepromptError) else [x.face for x in e] for e in explained]
         else:
-            found, explained = rec.predict_batch(images, detect, batch_size), [[] for _ in images]
+            found = rec.predict_batch(images, detect, batch_size, on_error="return")
+            explained = [[] for _ in images]
         for (index, path, image), results, expl in zip(pending, found, explained):
-            _write_image(rec, index, path, image, results, expl, writer, annotate_dir, explain_dir)
+            try:
+                if isinstance(results, CepromptError):
+                    raise results
+                _write_image(rec, index, path, image, results, expl, writer, plan)
+            except CepromptError as exc:
+                fail(path, exc)
         bar.update(len(pending))
         pending.clear()
 
@@ -173,7 +221,7 @@ def run_predict(rec: Recognizer, inputs: Sequence[str], output: str = "-", fmt: 
             suffix = path.suffix.lower()
             try:
                 if not path.is_file():
-                    raise CepromptError("no such file")
+                    raise CepromptError("no such file" if not path.exists() else "not a regular file")
                 if suffix in IMAGE_SUFFIXES:
                     pending.append((index, path, rec.load_image(path)))
                     if len(pending) >= batch_size:
@@ -183,7 +231,7 @@ def run_predict(rec: Recognizer, inputs: Sequence[str], output: str = "-", fmt: 
                     raise CepromptError(f"unsupported file type {suffix or '(none)'}; expected an image "
                                         f"({', '.join(sorted(IMAGE_SUFFIXES))}) or a video "
                                         f"({', '.join(sorted(VIDEO_SUFFIXES))})")
-                _predict_video(rec, index, path, writer, detect, annotate_dir, video_stride)
+                _predict_video(rec, index, path, writer, detect, plan)
             except CepromptError as exc:
                 fail(path, exc)
             bar.update(1)
@@ -195,32 +243,43 @@ def run_predict(rec: Recognizer, inputs: Sequence[str], output: str = "-", fmt: 
     return failed
 
 
+def _save(image: Image.Image, path: Path) -> None:
+    try:
+        save_png(image, path)
+    except OSError as exc:
+        raise CepromptError(f"cannot write {path} ({exc.strerror or exc})") from None
+
+
 def _write_image(rec: Recognizer, index: int, path: Path, image: Image.Image, results: list[FaceResult],
-                 explanations: list[Explanation], writer: Writer, annotate_dir: str | None,
-                 explain_dir: str | None) -> None:
+                 explanations: list[Explanation], writer: Writer, plan: PredictPlan) -> None:
     if not results:
         writer.write(Row(str(path), None, None, None))  # no face: a row with empty fields, not an error
     for j, r in enumerate(results):
         writer.write(Row(str(path), None, j, r))
-    if annotate_dir:
-        save_png(annotate(image, results, rec.class_names), Path(annotate_dir) / f"{_stem(index, path)}.png")
-    if explain_dir:
+    if plan.annotate_dir:
+        _save(annotate(image, results, rec.class_names), plan.annotate_dir / f"{_stem(index, path)}.png")
+    if plan.explain_dir:
         for j, expl in enumerate(explanations):
-            save_png(explanation_image(expl), Path(explain_dir) / f"{_stem(index, path)}_face{j}.png")
+            _save(explanation_image(expl), plan.explain_dir / f"{_stem(index, path)}_face{j}.png")
 
 
-def _predict_video(rec: Recognizer, index: int, path: Path, writer: Writer, detect: str,
-                   annotate_dir: str | None, stride: int) -> None:
-    video = VideoWriter(Path(annotate_dir) / f"{_stem(index, path)}.mp4") if annotate_dir else None
+def _predict_video(rec: Recognizer, index: int, path: Path, writer: Writer, detect: str, plan: PredictPlan) -> None:
+    target = plan.annotate_dir / f"{_stem(index, path)}{path.suffix.lower()}" if plan.annotate_dir else None
+    video = None
     latest: list[FaceResult] = []
+    any_face = False
     try:
-        for i, frame, sampled in _video_frames(path, stride, every_frame=video is not None):
+        for i, frame, sampled, rate in _video_frames(path, plan.video_stride, every_frame=target is not None):
             if sampled:
                 latest = rec.predict(frame, detect=detect)
+                any_face = any_face or bool(latest)
                 for j, r in enumerate(latest):
                     writer.write(Row(str(path), i, j, r))
-            if video is not None:
-                video.write(annotate(frame, latest, rec.class_names))
+            if target is not None:
+                video = video or VideoWriter(target)
+                video.write(annotate(frame, latest, rec.class_names), rate)
     finally:
         if video is not None:
             video.close()
+    if not any_face:
+        writer.write(Row(str(path), None, None, None))  # like an image without faces: one empty row

@@ -30,6 +30,7 @@ from tqdm import tqdm
 from .data.datasets import LAYOUTS
 from .data.three_files import IMAGES, LABELS, SPLIT, Problems
 from .errors import ConfigError, DataError
+from .paths import confined, escapes
 
 log = logging.getLogger(__name__)
 ALIGN_SIZE = 224
@@ -78,6 +79,9 @@ def read_rafdb(src: Path, skip_bad_rows: bool) -> Prepared:
         if not name.startswith(("train_", "test_")):
             problems.add(f"{where}: name {name!r} does not start with train_ or test_")
             continue
+        if "/" in name or "\\" in name:
+            problems.add(f"{where}: name {name!r} is a path; expected a file name")
+            continue
         if name in seen:
             problems.add(f"{where}: {name} already listed on line {seen[name]}")
             continue
@@ -124,6 +128,9 @@ def read_affectnet(src: Path, skip_bad_rows: bool, n_classes: int) -> Prepared:
             if not rel:
                 problems.add(f"{where}: empty subDirectory_filePath")
                 continue
+            if escapes(rel):
+                problems.add(f"{where}: subDirectory_filePath {rel!r} leaves the image folder")
+                continue
             if not 0 <= expression <= 10:
                 problems.add(f"{where}: expression {expression} outside 0..10")
                 continue
@@ -149,6 +156,9 @@ def read_ferplus(src: Path, skip_bad_rows: bool, valid_as: str) -> Prepared:
             continue
         if not name:
             left_out["no image (removed by FERPlus)"] = left_out.get("no image (removed by FERPlus)", 0) + 1
+            continue
+        if "/" in name or "\\" in name or name in (".", ".."):
+            problems.add(f"{where}: Image name {name!r} is a path; expected a file name")
             continue
         try:
             votes = [int(row[c]) for c in vote_cols]
@@ -183,16 +193,16 @@ def _link(src: Path, dst: Path) -> None:
 
 def _align_all(entries: list[Entry], image_root: Path, device: str, progress: bool) -> list[str]:
     """Re-cut every face with MTCNN + align_face; falls back to the annotated box, then reports."""
-    from .data.datasets import load_rgb
     from .faces import FaceDetector, align_face
+    from .images import open_image
 
     detector = FaceDetector(device)
     notes = []
     for entry in tqdm(entries, disable=not progress, desc="aligning faces", unit="img"):
-        out = image_root / entry.path
+        out = confined(image_root, entry.path, "image path")
         if out.exists():
             continue
-        image = load_rgb(str(entry.source))
+        image = open_image(entry.source)
         faces = detector.detect(image)
         if faces:
             face = faces[0]

@@ -57,9 +57,10 @@ class DataReport:
 
 
 def check_data(dataset: str, root: str | os.PathLike, image_dir: str | None = None,
-               classes: Sequence[str] | None = None, full: bool = False, workers: int = 8) -> DataReport:
+               classes: Sequence[str] | None = None, full: bool = False, workers: int = 8,
+               allow_outside_root: bool = False) -> DataReport:
     problems = Problems()
-    splits = index_dataset(dataset, root, image_dir, classes, problems)
+    splits = index_dataset(dataset, root, image_dir, classes, problems, allow_outside_root)
     errors, warnings = list(problems.items), []
     samples = splits.train + splits.test
     infos = scan_images(samples, full=full, workers=workers)

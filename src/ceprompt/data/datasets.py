@@ -24,10 +24,12 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 
 from ..errors import DataError
+from ..images import IMAGE_SUFFIXES, ImageInfo, open_image, probe_image
+from ..paths import escapes
 from .three_files import IMAGES, LABELS, SPLIT, Problems, read_index
 
 log = logging.getLogger(__name__)
@@ -36,7 +38,6 @@ RAFDB_CLASSES = ("surprise", "fear", "disgust", "happy", "sad", "anger", "neutra
 AFFECTNET7_CLASSES = ("neutral", "happy", "sad", "surprise", "fear", "disgust", "anger")
 AFFECTNET8_CLASSES = AFFECTNET7_CLASSES + ("contempt",)
 FERPLUS_CLASSES = ("neutral", "happy", "surprise", "sad", "anger", "disgust", "fear", "contempt")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,8 @@ def _image_root(root: Path, layout: DatasetLayout, image_dir: str | None, proble
     return root / layout.image_dirs[0]
 
 
-def _index_splits(root: Path, layout: DatasetLayout, image_dir: str | None, problems: Problems) -> Splits:
+def _index_splits(root: Path, layout: DatasetLayout, image_dir: str | None, problems: Problems,
+                  allow_outside_root: bool = False) -> Splits:
     image_root = _image_root(root, layout, image_dir, problems)
     info = root / layout.info_dir
     if not info.is_dir():
@@ -121,6 +123,15 @@ def _index_splits(root: Path, layout: DatasetLayout, image_dir: str | None, prob
     n_classes = len(layout.class_names)
     lo, hi = layout.label_offset, layout.label_offset + n_classes - 1
     train, test = [], []
+    outside = [rec for rec in records if escapes(rec.path)]
+    if outside:
+        example = f"id {outside[0].id!r}: {outside[0].path!r}"
+        message = (f"{info / layout.files[0]}: {len(outside)} image path(s) are absolute or leave the image folder "
+                   f"through '..' (e.g. {example})")
+        if not allow_outside_root:
+            problems.add(f"{message}; set data.allow_outside_root=true (--allow-outside-root) if this is intended")
+            return Splits(layout.name, root, list(layout.class_names), [], [])
+        log.warning("%s; reading them because data.allow_outside_root is set", message)
     for rec in records:
         index = rec.label - layout.label_offset
         if not 0 <= index < n_classes:
@@ -161,36 +172,15 @@ def _folder_splits(root: Path, classes: Sequence[str] | None, problems: Problems
     return Splits("folder", root, names, collect(train_dir), collect(test_dir))
 
 
-@dataclass(frozen=True)
-class ImageInfo:
-    problem: str | None  # None when the file opens (and, with a full check, decodes) as an image
-    mode: str | None = None  # PIL mode, e.g. RGB, L, RGBA, CMYK
-    size: tuple[int, int] | None = None  # width, height
-
-
-def check_image(path: str, full: bool = False) -> ImageInfo:
-    """Open the image (header and structure; with ``full`` decode every pixel) and describe it."""
-    try:
-        with Image.open(path) as img:
-            mode, size = img.mode, img.size
-            if full:
-                img.load()
-            else:
-                img.verify()
-    except FileNotFoundError:
-        return ImageInfo("missing image file")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        return ImageInfo(f"unreadable image ({exc})")
-    return ImageInfo(None, mode, size)
-
-
 def scan_images(samples: Sequence[Sample], full: bool = False, workers: int = 8) -> list[ImageInfo]:
+    """Probe every image (header and pixel limit; with ``full`` every pixel), in parallel threads."""
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        return list(pool.map(lambda s: check_image(s.path, full), samples))
+        return list(pool.map(lambda s: probe_image(s.path, full), samples))
 
 
 def index_dataset(dataset: str, root: str | os.PathLike, image_dir: str | None = None,
-                  classes: Sequence[str] | None = None, problems: Problems | None = None) -> Splits:
+                  classes: Sequence[str] | None = None, problems: Problems | None = None,
+                  allow_outside_root: bool = False) -> Splits:
     """Read the index (or folders) of a dataset; problems go to ``problems``; images are not opened."""
     root = Path(root).expanduser()
     problems = problems if problems is not None else Problems()
@@ -200,7 +190,7 @@ def index_dataset(dataset: str, root: str | os.PathLike, image_dir: str | None =
         raise DataError(f"{root}: dataset root folder not found")
     if dataset == "folder":
         return _folder_splits(root, classes, problems)
-    return _index_splits(root, LAYOUTS[dataset], image_dir, problems)
+    return _index_splits(root, LAYOUTS[dataset], image_dir, problems, allow_outside_root)
 
 
 def load_splits(
@@ -211,15 +201,17 @@ def load_splits(
     verify_images: bool = True,
     skip_bad_images: bool = False,
     workers: int = 8,
+    allow_outside_root: bool = False,
 ) -> Splits:
     """Read, validate and split a dataset. Every problem found is listed in one DataError;
-    with ``skip_bad_images`` missing or unreadable images are left out and recorded instead."""
+    with ``skip_bad_images`` every image is decoded first (truncated files are found only that way)
+    and missing or unreadable images are left out and recorded instead."""
     problems = Problems()
-    splits = index_dataset(dataset, root, image_dir, classes, problems)
+    splits = index_dataset(dataset, root, image_dir, classes, problems, allow_outside_root)
     problems.raise_if_any(f"dataset {dataset} at {splits.root}")
     samples = splits.train + splits.test
-    if verify_images:
-        reasons = [info.problem for info in scan_images(samples, workers=workers)]
+    if verify_images or skip_bad_images:
+        reasons = [info.problem for info in scan_images(samples, full=skip_bad_images, workers=workers)]
     else:
         reasons = [None if os.path.exists(s.path) else "missing image file" for s in samples]
     bad = {s.path: r for s, r in zip(samples, reasons) if r}
@@ -235,14 +227,6 @@ def load_splits(
     if not splits.train and not splits.test:
         raise DataError(f"dataset {dataset} at {splits.root}: no images")
     return splits
-
-
-def load_rgb(path: str) -> Image.Image:
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
-        raise DataError(f"{path}: cannot decode image ({exc})") from None
 
 
 class FERDataset(Dataset):
@@ -263,7 +247,7 @@ class FERDataset(Dataset):
         self.cache: list[Image.Image] | None = None
         if cache:
             with ThreadPoolExecutor(max_workers=max(workers, 1)) as pool:
-                self.cache = list(pool.map(lambda s: self.resize(load_rgb(s.path)), self.samples))
+                self.cache = list(pool.map(lambda s: self.resize(open_image(s.path)), self.samples))
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -274,6 +258,6 @@ class FERDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int, int]:
         sample = self.samples[index]
-        image = self.cache[index] if self.cache is not None else self.resize(load_rgb(sample.path))
+        image = self.cache[index] if self.cache is not None else self.resize(open_image(sample.path))
         tensor, view = self.augment(image)
         return tensor, sample.label, index, 2 * index + view if view >= 0 else -1
