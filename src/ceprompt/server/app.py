@@ -1,28 +1,34 @@
 """The web app: one static page and a JSON API around a :class:`~ceprompt.api.Recognizer`.
 
 The model is loaded once; requests are read concurrently but run through the model one at a time
-(a lock), so results never mix and CPU threads are not oversubscribed. Uploads are limited in size
-and must decode as images.
+(a lock), so results never mix and CPU threads are not oversubscribed. Images are decoded off the
+event loop and outside the model lock, through the one image opener (pixel limit from the header).
+What may reach the app at all is decided by :class:`~ceprompt.server.guard.Guard`.
 """
 
-
+# No `from __future__ import annotations`: FastAPI reads the endpoint annotations at runtime, and
+# UploadFile is imported inside create_app.
 import asyncio
 import base64
 import io
 import logging
 import threading
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from ..api import Recognizer
 from ..drawing import explanation_image
 from ..errors import CepromptError
+from ..images import ImageError, max_pixels, open_image
+from .guard import Guard
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_UPLOAD = 10_000_000
 ALLOWED_TYPES = ("image/", "application/octet-stream")
+STATIC = {"app.js": "text/javascript", "app.css": "text/css"}
 
 
 def _png_data_url(image: Image.Image) -> str:
@@ -32,10 +38,10 @@ def _png_data_url(image: Image.Image) -> str:
 
 
 def create_app(rec: Recognizer, max_upload_bytes: int = DEFAULT_MAX_UPLOAD):  # type: ignore[no-untyped-def]
-    """The FastAPI application (``pip install 'ceprompt[serve]'``)."""
+    """The FastAPI application (``pip install 'ceprompt[serve]'``); wrap it in :func:`guarded` to serve it."""
     try:
-        from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
-        from fastapi.responses import HTMLResponse
+        from fastapi import FastAPI, File, HTTPException, Query, UploadFile
+        from fastapi.responses import HTMLResponse, Response
     except ImportError:
         raise CepromptError("the web app needs FastAPI and uvicorn: pip install 'ceprompt[serve]'") from None
 
@@ -46,7 +52,9 @@ def create_app(rec: Recognizer, max_upload_bytes: int = DEFAULT_MAX_UPLOAD):  # 
         version=rec.meta.get("ceprompt_version", "") or "0",
     )
     lock = threading.Lock()
-    page = resources.files("ceprompt.server").joinpath("static/index.html").read_text()
+    static = resources.files("ceprompt.server").joinpath("static")
+    page = static.joinpath("index.html").read_text()
+    assets = {name: static.joinpath(name).read_bytes() for name in STATIC}
 
     def run_model(image: Image.Image, detect: str, explain: bool) -> list[dict[str, Any]]:
         with lock:
@@ -60,51 +68,73 @@ def create_app(rec: Recognizer, max_upload_bytes: int = DEFAULT_MAX_UPLOAD):  # 
     async def index() -> str:
         return page
 
+    @app.get("/static/{name}", include_in_schema=False)
+    async def asset(name: str) -> Response:
+        if name not in assets:
+            raise HTTPException(404, "not found")
+        return Response(assets[name], media_type=STATIC[name])
+
     @app.get("/api/info", summary="The model being served")
     async def info() -> dict[str, Any]:
         return {"classes": rec.class_names, "stage": rec.meta.get("stage"), "checkpoint": str(rec.checkpoint),
                 "input_size": rec.preprocess.image_size, "max_upload_bytes": max_upload_bytes,
-                "face_detection": "MTCNN", "temperature": rec.temperature}
+                "max_pixels": max_pixels(), "face_detection": "MTCNN", "temperature": rec.temperature,
+                "notice": rec.notice}
 
     @app.post("/api/predict", summary="Expressions of every face in an uploaded image")
     async def predict(
-        request: Request,
         file: UploadFile = File(..., description="a JPEG, PNG, WebP, BMP or TIFF image"),
         detect: str = Query("mtcnn", pattern="^(mtcnn|none)$",
                             description="mtcnn: find faces; none: the image is one face crop"),
         explain: bool = Query(False, description="add a heat map of the evidence per face (PNG data URL)"),
     ) -> dict[str, Any]:
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > max_upload_bytes + 64 * 1024:
-            raise HTTPException(413, f"upload of {int(declared)} bytes exceeds the limit of {max_upload_bytes} bytes")
+        name = Path(file.filename or "upload").name
         if file.content_type and not file.content_type.startswith(ALLOWED_TYPES):
-            raise HTTPException(415, f"{file.filename}: {file.content_type} is not an image")
+            raise HTTPException(415, f"{name}: {file.content_type} is not an image")
         data = await file.read(max_upload_bytes + 1)
         if len(data) > max_upload_bytes:
-            raise HTTPException(413, f"{file.filename}: larger than the limit of {max_upload_bytes} bytes")
+            raise HTTPException(413, f"{name}: larger than the limit of {max_upload_bytes} bytes")
         try:
-            image = Image.open(io.BytesIO(data))
-            image.load()
-            image = image.convert("RGB")
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-            raise HTTPException(415, f"{file.filename}: not a readable image ({exc})") from None
-        faces = await asyncio.to_thread(run_model, image, detect, explain)
-        return {"filename": file.filename, "width": image.width, "height": image.height,
-                "classes": rec.class_names, "faces": faces}
+            image = await asyncio.to_thread(open_image, data, name)
+        except ImageError as exc:
+            detail = str(exc).removeprefix(f"{name}: ")
+            if "over the limit" in detail:
+                raise HTTPException(413, f"{name}: {detail}") from None
+            raise HTTPException(415, f"{name}: not a readable image {detail.removeprefix('cannot decode image ')}"
+                                ) from None
+        try:
+            faces = await asyncio.to_thread(run_model, image, detect, explain)
+        except CepromptError as exc:
+            raise HTTPException(422, f"{name}: {exc}") from None
+        response: dict[str, Any] = {"filename": name, "width": image.width, "height": image.height,
+                                    "classes": rec.class_names, "faces": faces}
+        if rec.notice:
+            response["notice"] = rec.notice
+        return response
 
     return app
 
 
+def guarded(app: Any, host: str, max_upload_bytes: int, allow_origins: list[str] | tuple[str, ...] = (),
+            allow_hosts: list[str] | tuple[str, ...] = ()) -> Guard:
+    return Guard(app, host, max_upload_bytes, allow_origins, allow_hosts)
+
+
 def resolve_checkpoint(checkpoint: str | None, progress: bool = True) -> str:
-    """The given checkpoint, or the demo model (trained once by the quick demo and cached)."""
+    """The given checkpoint; else the user's own demo run (``runs/demo``), else the cached demo model
+    (trained once by the quick demo)."""
     if checkpoint:
         return checkpoint
-    from ..demo.pretrain import cache_dir
+    from ..io_utils import cache_dir
 
+    own = Path("runs") / "demo" / "stage2" / "checkpoints" / "best.safetensors"
+    if own.is_file():
+        log.info("no checkpoint given: serving your demo model %s (from `ceprompt demo`)", own)
+        return str(own)
     served = cache_dir() / "demo" / "serve"
     best = served / "stage2" / "checkpoints" / "best.safetensors"
     if best.is_file():
-        log.info("no checkpoint given: serving the demo model %s", best)
+        log.info("no checkpoint given: serving the cached demo model %s", best)
         return str(best)
     log.info("no checkpoint given: training the demo model once (ceprompt demo --quick) into %s", served)
     from ..demo.run import run_demo
@@ -114,7 +144,8 @@ def resolve_checkpoint(checkpoint: str | None, progress: bool = True) -> str:
 
 
 def serve(checkpoint: str | None, host: str = "127.0.0.1", port: int = 8000, max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
-          device: str = "auto") -> None:
+          device: str = "auto", allow_origins: list[str] | tuple[str, ...] = (),
+          allow_hosts: list[str] | tuple[str, ...] = ()) -> None:
     try:
         import uvicorn
     except ImportError:
@@ -122,8 +153,10 @@ def serve(checkpoint: str | None, host: str = "127.0.0.1", port: int = 8000, max
     from ..api import load
 
     rec = load(resolve_checkpoint(checkpoint), device=device)
-    app = create_app(rec, max_upload_bytes)
+    app = guarded(create_app(rec, max_upload_bytes), host, max_upload_bytes, allow_origins, allow_hosts)
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s: anyone who can reach this machine can use the model", host)
+    if rec.notice:
+        log.warning("%s", rec.notice)
     print(f"ceprompt serve: http://{host}:{port}/  (API docs at /docs, schema at /openapi.json)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="info")
