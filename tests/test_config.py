@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -53,11 +54,32 @@ def test_overrides_and_round_trip(tmp_path: Path) -> None:
     ("run.deterministic=maybe", "run.deterministic: expected true or false"),
     ("noequals", "expected KEY=VALUE"),
     ("optim=5", "'optim' must be a mapping"),
-    ("data.std=[1, 0, 1]", "data.mean and data.std"),
+    ("data.std=[1, 0, 1]", "data.std=0.0; expected a number in (0, 10]"),
+    ("data.mean=[0.5, 0.5]", "data.mean and data.std need 3 values"),
+    # every numeric field is range-checked when the config loads, NaN and infinities included
+    ("optim.min_lr=.nan", "optim.min_lr=nan; expected a number in [0, 1]"),
+    ("optim.lr=1e30", "optim.lr=1e+30; expected a number in (0, 1]"),
+    ("optim.lr=0", "optim.lr=0.0; expected a number in (0, 1]"),
+    ("optim.lr=-.inf", "optim.lr=-inf"),
+    ("optim.grad_clip=-1", "optim.grad_clip=-1.0; expected a number > 0"),
+    ("optim.grad_clip=.nan", "optim.grad_clip=nan"),
+    ("optim.weight_decay=-0.1", "optim.weight_decay=-0.1; expected a number in [0, 1]"),
+    ("optim.weight_decay=.nan", "optim.weight_decay=nan"),
+    ("optim.layer_decay=-0.5", "optim.layer_decay=-0.5; expected a number in (0, 1]"),
+    ("optim.momentum=.nan", "optim.momentum=nan; expected a number in [0, 1)"),
+    ("optim.min_lr=0.5", "optim.min_lr=0.5; expected <= optim.lr"),
+    ("head.alpha=1.5", "head.alpha=1.5; expected a number in [0, 1]"),
+    ("data.workers=-1", "data.workers=-1; expected an integer in [0, 256]"),
 ])
 def test_bad_overrides(override: str, message: str) -> None:
-    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(None, [override])
+
+
+def test_every_numeric_field_has_a_range() -> None:
+    from ceprompt.config import RANGES, _numeric_fields
+
+    assert {name for name, _ in _numeric_fields(Config())} == set(RANGES)
 
 
 def test_bad_yaml_names_file_and_line(tmp_path: Path) -> None:

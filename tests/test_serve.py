@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
@@ -41,14 +42,13 @@ def images() -> dict[str, bytes]:
     }
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+@contextlib.contextmanager
+def running_server(checkpoint: Path):
     """``ceprompt serve`` on a free loopback port, as a user starts it (upload limit 1 MB)."""
-    runs = train_tiny_runs(tmp_path_factory.mktemp("serve"))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "ceprompt", "serve", str(runs["s2"]), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "ceprompt", "serve", str(checkpoint), "--port", str(port),
                              "--max-upload-mb", "1", "--device", "cpu"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -63,9 +63,22 @@ def server(tmp_path_factory):
             proc.kill()
             pytest.fail(f"server did not start: {proc.stdout.read()[-2000:]}")
         time.sleep(0.3)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=20)
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    return train_tiny_runs(tmp_path_factory.mktemp("serve"))
+
+
+@pytest.fixture(scope="module")
+def server(runs):
+    with running_server(runs["s2"]) as url:
+        yield url
 
 
 def post(url: str, name: str, data: bytes, content_type: str = "image/png", **params) -> httpx.Response:
@@ -111,17 +124,21 @@ def test_fifty_concurrent_requests_match_single_requests(server: str, images: di
             assert g["probabilities"] == pytest.approx(w["probabilities"], abs=1e-5)
 
 
-@pytest.mark.skipif(not CHROMIUM and not BROWSER_REQUIRED, reason="needs Debian's chromium (installed by .ci/run)")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+needs_browser = pytest.mark.skipif(not CHROMIUM and not BROWSER_REQUIRED,
+                                   reason="needs Debian's chromium (installed by .ci/run)")
+
+
+@needs_browser
 def test_page_in_headless_chromium(server: str, images: dict[str, bytes], tmp_path: Path) -> None:
     sync_api = pytest.importorskip("playwright.sync_api")
     assert CHROMIUM, "chromium is required in CI"
     photo = tmp_path / "astronaut.png"
     photo.write_bytes(images["astronaut.png"])
     expected = post(server, "astronaut.png", images["astronaut.png"]).json()["faces"]
-    args = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"]
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=args)
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.goto(server + "/")
         page.wait_for_function("document.getElementById('model').textContent.includes('classes')")
@@ -156,3 +173,137 @@ def test_serve_without_checkpoint_uses_the_cached_demo_model(tmp_path: Path, mon
     assert server_app.resolve_checkpoint(None) == str(best)  # ... then reused
     assert trained == [tmp_path / "demo" / "serve"]
     assert server_app.resolve_checkpoint("mine.safetensors") == "mine.safetensors"
+
+
+# --- hardening (issue 13, section 5) ------------------------------------------------------------------
+
+
+def _asgi_call(app, headers: dict[str, str], chunks: list[bytes], delay: float = 0.0, method: str = "POST"):
+    """Call an ASGI app directly; returns (status, body, how many chunks it read)."""
+    import asyncio
+
+    sent: list[dict] = []
+    read = {"n": 0}
+
+    async def receive():
+        if read["n"] < len(chunks):
+            if delay:
+                await asyncio.sleep(delay)
+            read["n"] += 1
+            return {"type": "http.request", "body": chunks[read["n"] - 1], "more_body": read["n"] < len(chunks)}
+        await asyncio.sleep(3600)
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": method, "path": "/api/predict", "headers":
+             [(k.encode(), v.encode()) for k, v in headers.items()]}
+    asyncio.run(app(scope, receive, send))
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return start["status"], body, read["n"], dict(start["headers"])
+
+
+def _reading_app():
+    async def app(scope, receive, send):  # reads the whole body, like a form parser, then answers 200
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect" or not message.get("more_body"):
+                break
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+    return app
+
+
+def test_guard_refuses_oversize_bodies_before_reading_them() -> None:
+    from ceprompt.server.guard import Guard
+
+    guard = Guard(_reading_app(), "127.0.0.1", max_body=1_000_000)
+    host = {"host": "127.0.0.1:8000"}
+    status, body, n, _ = _asgi_call(guard, {**host, "content-length": str(300_000_000)}, [b"x" * 1000] * 5)
+    assert status == 413 and n == 0 and b"300000000 bytes exceeds the limit" in body  # not one byte read
+    chunks = [b"x" * 100_000] * 3000  # 300 MB announced by nobody: chunked
+    status, body, n, _ = _asgi_call(guard, host, chunks)
+    assert status == 413 and n <= 12  # stopped just past the limit, not after 300 MB
+    status, _, n, _ = _asgi_call(guard, host, [b"x" * 1000] * 3)
+    assert status == 200 and n == 3
+
+
+def test_guard_times_out_slow_bodies() -> None:
+    from ceprompt.server.guard import Guard
+
+    guard = Guard(_reading_app(), "127.0.0.1", max_body=1_000_000, body_timeout=0.5)
+    status, body, _, _ = _asgi_call(guard, {"host": "127.0.0.1"}, [b"x"] * 100, delay=0.1)
+    assert status == 408 and b"did not arrive within" in body
+
+
+def test_guard_checks_host_and_origin() -> None:
+    from ceprompt.server.guard import Guard
+
+    local = Guard(_reading_app(), "127.0.0.1", 1000)
+    assert _asgi_call(local, {"host": "127.0.0.1:8000", "origin": "http://127.0.0.1:8000"}, [b"x"])[0] == 200
+    assert _asgi_call(local, {"host": "localhost:8000"}, [b"x"])[0] == 200
+    assert _asgi_call(local, {"host": "attacker.example:8000"}, [b"x"])[0] == 421  # DNS rebinding
+    assert _asgi_call(local, {"host": "127.0.0.1:8000", "origin": "https://evil.example"}, [b"x"])[0] == 403
+    allowed = Guard(_reading_app(), "127.0.0.1", 1000, allow_origins=["https://lab.example.org"],
+                    allow_hosts=["fer.lab.example.org"])
+    assert _asgi_call(allowed, {"host": "127.0.0.1:8000", "origin": "https://lab.example.org"}, [b"x"])[0] == 200
+    assert _asgi_call(allowed, {"host": "fer.lab.example.org"}, [b"x"])[0] == 200
+    everywhere = Guard(_reading_app(), "0.0.0.0", 1000)
+    assert _asgi_call(everywhere, {"host": "192.168.1.20:8000"}, [b"x"])[0] == 200  # reached by IP address
+    assert _asgi_call(everywhere, {"host": "attacker.example"}, [b"x"])[0] == 421
+
+
+def test_api_pixel_limit_tiny_images_and_security_headers(server: str) -> None:
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    bomb = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 10000, 10000, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    started = time.perf_counter()
+    r = post(server, "bomb.png", bomb)
+    assert r.status_code == 413 and "over the limit" in r.json()["detail"] and time.perf_counter() - started < 5
+    dot = post(server, "dot.png", png_bytes(Image.new("RGB", (1, 1))))
+    assert dot.status_code == 200 and dot.json()["faces"] == []
+    garbage = httpx.post(server + "/api/predict", files={"file": ("x", b"not an image")}, timeout=60)
+    assert garbage.status_code == 415 and "BytesIO" not in garbage.json()["detail"]
+    page = httpx.get(server + "/")
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+    assert page.headers["x-content-type-options"] == "nosniff"
+    assert "<script>" not in page.text and "style=" not in page.text and "innerHTML" not in httpx.get(
+        server + "/static/app.js").text
+    cross = httpx.post(server + "/api/predict", files={"file": ("dot.png", png_bytes(Image.new("RGB", (1, 1))))},
+                       headers={"Origin": "https://evil.example"})
+    assert cross.status_code == 403
+    assert httpx.get(server + "/api/info", headers={"Host": "evil.example"}).status_code == 421
+
+
+@needs_browser
+def test_class_names_cannot_inject_script_into_the_page(runs, images: dict[str, bytes], tmp_path: Path) -> None:
+    """Class names come from folder names and checkpoint files: the page must show them as text."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    from ceprompt.engine.checkpoint import read_checkpoint, save_checkpoint
+
+    tensors, meta, _ = read_checkpoint(runs["s1"])
+    payload = "<img src=x onerror=\"document.title='pwned'\">"
+    meta["class_names"] = [payload + str(i) for i in range(len(meta["class_names"]))]
+    save_checkpoint(tmp_path / "crafted.safetensors", tensors, meta)
+    photo = tmp_path / "astronaut.png"
+    photo.write_bytes(images["astronaut.png"])
+    with running_server(tmp_path / "crafted.safetensors") as url:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+            page = browser.new_page()
+            page.goto(url + "/")
+            page.wait_for_function("document.getElementById('model').textContent.includes('classes')")
+            page.set_input_files("#file-input", str(photo))
+            page.wait_for_selector(".face-label", timeout=60_000)
+            page.wait_for_timeout(300)
+            assert page.title() != "pwned"
+            assert page.locator("#result img").count() == 0  # no element was made from a class name
+            assert payload in page.locator(".face-label").first.inner_text()
+            assert payload in page.locator("#model").inner_text()
+            browser.close()
