@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from ceprompt.cli import main
@@ -49,3 +50,20 @@ def test_quick_demo_learns_beyond_zero_shot(tmp_path: Path, monkeypatch) -> None
         with Image.open(out / "report" / name) as img:
             assert img.size[0] > 400 and img.size[1] > 200
     assert list((tmp_path / "cache" / "demo").glob("clip-demo-vit-*.safetensors"))
+
+
+def test_several_seeds_are_reported_as_mean_and_std() -> None:
+    from ceprompt.demo.report import results_markdown
+    from ceprompt.demo.run import _row, format_table
+
+    rows = [_row("zero-shot CLIP", [{"accuracy": 0.1, "macro_f1": 0.05}]),
+            _row("after stage 1 (EVA)", [{"accuracy": a, "macro_f1": a - 0.1} for a in (0.6, 0.7, 0.8)])]
+    assert rows[1]["accuracy"] == pytest.approx(0.7) and rows[1]["accuracy_std"] == pytest.approx(0.1)
+    assert rows[0]["accuracy_std"] == 0.0
+    results = {"rows": rows, "chance": 1 / 7, "seeds": [0, 1, 2], "n_train": 10, "n_test": 5, "threads": 2,
+               "seconds": {"stage 1": 12.34, "total": 20.0}}
+    table = format_table(results)
+    assert "mean ± std over 3 seeds" in table and "0.700 ± 0.100" in table
+    md = results_markdown(results)
+    assert "| after stage 1 (EVA) | 0.700 ± 0.100 | 0.600 ± 0.100 |" in md and "| stage 1 | 12.3 |" in md
+    assert "{" not in md  # step times as a table, not a Python dict

@@ -165,6 +165,7 @@ def test_serve_without_checkpoint_uses_the_cached_demo_model(tmp_path: Path, mon
     from ceprompt.server import app as server_app
 
     monkeypatch.setenv("CEPROMPT_CACHE", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
     best = tmp_path / "demo" / "serve" / "stage2" / "checkpoints" / "best.safetensors"
     trained: list[Path] = []
     monkeypatch.setattr("ceprompt.demo.run.run_demo", lambda out, **kw: trained.append(out) or
@@ -173,6 +174,35 @@ def test_serve_without_checkpoint_uses_the_cached_demo_model(tmp_path: Path, mon
     assert server_app.resolve_checkpoint(None) == str(best)  # ... then reused
     assert trained == [tmp_path / "demo" / "serve"]
     assert server_app.resolve_checkpoint("mine.safetensors") == "mine.safetensors"
+    # the user's own demo run (ceprompt demo writes runs/demo) wins over the cached quick one
+    own = tmp_path / "runs" / "demo" / "stage2" / "checkpoints" / "best.safetensors"
+    own.parent.mkdir(parents=True)
+    own.write_bytes(b"x")
+    assert Path(server_app.resolve_checkpoint(None)).resolve() == own.resolve() and len(trained) == 1
+
+
+def test_a_demo_model_says_so_in_the_api(runs, tmp_path: Path) -> None:
+    """The page, /api/info and every prediction of a model trained on drawn faces say so."""
+    import warnings
+
+    from fastapi.testclient import TestClient
+
+    import ceprompt
+    from ceprompt.engine.checkpoint import read_checkpoint, save_checkpoint
+    from ceprompt.server.app import create_app, guarded
+
+    tensors, meta, _ = read_checkpoint(runs["s1"])
+    notice = "Demo model: it learned drawn faces only"
+    save_checkpoint(tmp_path / "demo.safetensors", tensors, {**meta, "notice": notice})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rec = ceprompt.load(tmp_path / "demo.safetensors", device="cpu")
+    client = TestClient(guarded(create_app(rec), "127.0.0.1", 10_000_000), base_url="http://127.0.0.1:8000")
+    assert client.get("/api/info").json()["notice"] == notice
+    body = client.post("/api/predict", files={"file": ("a.png", png_bytes(Image.new("RGB", (40, 40))))},
+                       params={"detect": "none"}).json()
+    assert body["notice"] == notice and len(body["faces"]) == 1
+    assert 'id="notice"' in client.get("/").text and "info.notice" in client.get("/static/app.js").text
 
 
 # --- hardening (issue 13, section 5) ------------------------------------------------------------------
@@ -290,6 +320,7 @@ def test_class_names_cannot_inject_script_into_the_page(runs, images: dict[str, 
     tensors, meta, _ = read_checkpoint(runs["s1"])
     payload = "<img src=x onerror=\"document.title='pwned'\">"
     meta["class_names"] = [payload + str(i) for i in range(len(meta["class_names"]))]
+    meta["notice"] = "Demo model " + payload
     save_checkpoint(tmp_path / "crafted.safetensors", tensors, meta)
     photo = tmp_path / "astronaut.png"
     photo.write_bytes(images["astronaut.png"])
@@ -306,4 +337,5 @@ def test_class_names_cannot_inject_script_into_the_page(runs, images: dict[str, 
             assert page.locator("#result img").count() == 0  # no element was made from a class name
             assert payload in page.locator(".face-label").first.inner_text()
             assert payload in page.locator("#model").inner_text()
+            assert page.locator("#notice").is_visible() and payload in page.locator("#notice").inner_text()
             browser.close()

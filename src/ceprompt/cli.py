@@ -46,7 +46,7 @@ def _train_config(args: argparse.Namespace):
     overrides = list(args.set or [])
     shortcuts = {"clip": "backbone.path", "init": "backbone.init", "data": "data.root", "device": "run.device",
                  "precision": "run.precision", "seed": "run.seed", "output_dir": "run.output_dir", "name": "run.name",
-                 "workers": "data.workers"}
+                 "workers": "data.workers", "threads": "run.threads"}
     for attr, key in shortcuts.items():
         value = getattr(args, attr, None)
         if value is not None:
@@ -104,7 +104,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo.run import format_table, run_demo
 
     results = run_demo(args.out, quick=args.quick, seed=args.seed, overwrite=args.overwrite, workers=args.workers,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, threads=args.threads, seeds=args.seeds)
     print(format_table(results))
     print(f"report: {results['runs']['stage2'].rsplit('/', 1)[0]}/report  ({results['seconds']['total']:.0f} s)")
     return 0
@@ -169,6 +169,16 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_import_official(args: argparse.Namespace) -> int:
+    from .official import import_official
+
+    result = import_official(args.clip, args.stage1, args.dataset, args.out, stage2=args.stage2,
+                             overwrite=args.overwrite)
+    print(f"wrote {result.stage1}" + (f" and {result.stage2}" if result.stage2 else "")
+          + f" (compat: authors; class words {', '.join(result.class_words)})")
+    return 0
+
+
 def _cmd_check_data(args: argparse.Namespace) -> int:
     import json
 
@@ -201,6 +211,12 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
                    help="autocast precision; auto: bf16 on GPU, fp32 on CPU")
     p.add_argument("--workers", type=arg(Range(0, 256, integer=True)), help="data loading processes")
+    _add_threads(p)
+
+
+def _add_threads(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=arg(Range(1, 1024, integer=True)), metavar="N",
+                   help="CPU threads (default: the cores this process may use that other work leaves free)")
 
 
 def _add_pixel_limit(p: argparse.ArgumentParser) -> None:
@@ -312,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="checkpoint .safetensors or run directory")
     p.add_argument("out", help="output file ending in .onnx (a .json description is written beside it)")
     p.add_argument("--overwrite", action="store_true")
+    _add_threads(p)
     p.set_defaults(handler=_cmd_export)
 
     p = verbs.add_parser("prepare", help="convert an official dataset distribution to ceprompt's index files")
@@ -326,7 +343,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="device for --align (cpu or cuda)")
     p.add_argument("--no-progress", action="store_true")
     _add_pixel_limit(p)
+    _add_threads(p)
     p.set_defaults(handler=_cmd_prepare)
+
+    p = verbs.add_parser("import-official", help="check the authors' released checkpoints and write them as "
+                         "ceprompt checkpoints (authors-compatible mode)")
+    p.add_argument("--clip", required=True, help="the CLIP the authors trained on (OpenAI's ViT-B-16)")
+    p.add_argument("--stage1", required=True, help="the authors' stage-1 file (model_epoch_N.pth)")
+    p.add_argument("--stage2", help="the authors' stage-2 file")
+    p.add_argument("--dataset", required=True, choices=["rafdb", "affectnet7", "affectnet8"])
+    p.add_argument("--out", required=True, help="folder for stage1.safetensors (and stage2.safetensors)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier import in --out")
+    p.set_defaults(handler=_cmd_import_official)
 
     p = verbs.add_parser("serve", help="a local web page (and JSON API) to try a model on photos")
     p.add_argument("checkpoint", nargs="?", help="checkpoint or run directory (default: the demo model)")
@@ -342,16 +370,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "names and, on 0.0.0.0, this machine's names and IP addresses)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     _add_pixel_limit(p)
+    _add_threads(p)
     p.set_defaults(handler=_cmd_serve)
 
-    p = verbs.add_parser("demo", help="the whole method on generated faces and a small CLIP, on a CPU")
+    p = verbs.add_parser("demo", help="the whole method on generated faces and a small CLIP, on a CPU (about 5 "
+                         "minutes on 2 idle cores the first time, 1.5 once its demo CLIP is cached)")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    p.add_argument("--quick", action="store_true", help="smaller data and shorter training (about 2 minutes)")
+    p.add_argument("--quick", action="store_true",
+                   help="smaller data and shorter training: under a minute once its demo CLIP is cached; the first "
+                        "run also pretrains that CLIP (about a minute more on 2 idle cores)")
     p.add_argument("--seed", type=arg(Range(0, 2**31 - 1, integer=True)), default=0)
+    p.add_argument("--seeds", type=arg(Range(1, 100, integer=True)), default=1, metavar="N",
+                   help="train both stages with N seeds (seed, seed+1, ...) and report mean ± std (default 1)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo folder (only one ceprompt made)")
     p.add_argument("--workers", type=arg(Range(0, 64, integer=True)), default=2,
                    help="processes for data generation and loading")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_threads(p)
     p.set_defaults(handler=_cmd_demo)
 
     p = verbs.add_parser("make-demo-data", help="write generated expression faces in the RAF-DB layout")
@@ -372,15 +407,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    # ceprompt's own messages at INFO; other libraries (onnxscript, onnx_ir, ...) only when they warn
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    logging.getLogger("ceprompt").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     handler: Handler = args.handler
     from .images import pixel_limit
 
     try:
+        if hasattr(args, "threads") and args.verb not in ("train", "demo"):  # those two manage threads per run
+            from .threads import set_threads
+
+            set_threads(args.threads)
         with pixel_limit(getattr(args, "max_pixels", None)):
             return handler(args)
     except CepromptError as exc:

@@ -24,6 +24,19 @@ from .ranges import COUNT, POSITIVE, POSITIVE_INT, UNIT, Range, check
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 STAGES = ("eva", "cat")
+COMPAT_MODES = ("none", "authors")
+# The words the authors' code puts in its prompts, per dataset (official-checkpoints.md). "disgusted" is
+# one BPE token where "disgust" is two, which moves the end token. The authors have no AffectNet-8 or
+# FERPlus table; ceprompt uses the same words there, with "contempt" for the eighth class.
+AUTHORS_PROMPT_NAMES = {
+    "rafdb": ["surprise", "fear", "disgusted", "happy", "sad", "anger", "neutral"],
+    "affectnet7": ["neutral", "happy", "sad", "surprise", "fear", "disgusted", "anger"],
+    "affectnet8": ["neutral", "happy", "sad", "surprise", "fear", "disgusted", "anger", "contempt"],
+    "ferplus": ["neutral", "happy", "surprise", "sad", "anger", "disgusted", "fear", "contempt"],
+}
+# The authors' test-time resize per dataset: (resize, interpolation). Ours is square bicubic everywhere.
+AUTHORS_RESIZE = {"rafdb": ("shorter", "bicubic"), "ferplus": ("shorter", "bicubic"),
+                  "affectnet7": ("square", "bilinear"), "affectnet8": ("square", "bilinear")}
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
@@ -42,6 +55,10 @@ class DataConfig:
     root: str | None = None  # dataset root folder, laid out as DESIGN.md section 4 / README describe
     image_dir: str | None = None  # rafdb: image folder under root (default Image/aligned_224, else Image/aligned)
     classes: list[str] | None = None  # folder datasets: class order (default: sorted folder names)
+    prompt_names: list[str] | None = None  # words for the classes in prompts (None: the class names; compat
+    #   authors: the authors' words, e.g. "disgusted"); labels shown to users stay the class names
+    resize: str | None = None  # square (resize to size x size) or shorter (shorter side, centre crop); None: auto
+    interpolation: str | None = None  # bicubic or bilinear; None: bicubic (compat authors: theirs per dataset)
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))  # normalisation, stored with checkpoints
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
     augment: str | None = None  # rafdb (resize + flip), affectnet (+ affine, erasing) or none; None: dataset's own
@@ -66,7 +83,8 @@ class EvaConfig:
     fix_layer: int = 2  # vision blocks below this index stay frozen
     template: str = DEFAULT_TEMPLATE  # fixed class prompt, {} is the class name
     kd_weight: float = 1.0  # lambda of the L1 distillation term
-    kd_target: str = "normalized"  # normalized, or raw (reference: unnormalised teacher embedding)
+    kd_target: str | None = None  # normalized, or raw (the authors' unnormalised teacher); None: by compat
+    raw_text_at_eval: bool = False  # the authors' stage-1 test(): unnormalised class text embeddings (a defect)
 
 
 @dataclass
@@ -75,7 +93,9 @@ class CatConfig:
     ctx_init: str = "a photo of"  # phrase whose first n_ctx tokens initialise them ('' = random)
     prompt_depth: int = 9  # J: deep prompts before blocks 1..J-1 of both towers
     invariant_token: bool = False  # an extra learnable class-invariant token before the context
-    vision_prompts: str = "append"  # append (own slots, MaPLe) or overwrite (reference: first patches)
+    vision_prompts: str | None = None  # append (own slots, MaPLe) or overwrite (the authors'); None: by compat
+    prompt_layout: str | None = None  # with the invariant token: ceprompt ([SOS] inv ctx <init rest> name .) or
+    #   authors ([SOS] X X X name ., deep prompts in slots 1..n_ctx); None: by compat
 
 
 @dataclass
@@ -105,6 +125,7 @@ class RunConfig:
     grad_checkpointing: bool = False  # recompute trainable blocks' activations in backward (less memory)
     compile: bool = False  # torch.compile the vision blocks (first steps slower while it compiles)
     teacher_cache: bool = True  # stage 1, flip-only augmentation: reuse the frozen teacher's embeddings
+    threads: int = 0  # CPU threads; 0: chosen from the cores free at the start, re-checked each epoch
     progress: bool = True  # progress bars (rank 0 only)
     final_eval: bool = True  # full evaluation of the best checkpoint at the end (metrics, confusion matrix)
     notice: str | None = None  # said with every use of the trained model (the demo's: drawn faces only)
@@ -113,6 +134,7 @@ class RunConfig:
 @dataclass
 class Config:
     stage: str = "eva"  # eva (stage 1) or cat (stage 2)
+    compat: str = "none"  # none (ceprompt's fixes) or authors (the authors' code; fills every field left null)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     data: DataConfig = field(default_factory=DataConfig)
     head: HeadSection = field(default_factory=HeadSection)
@@ -124,7 +146,28 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def resolve_compat(self) -> "Config":
+        """Fill the fields left null from the compat mode: ceprompt's defaults, or the authors' choices."""
+        if self.compat not in COMPAT_MODES:
+            raise ConfigError(f"compat={self.compat!r}; expected one of {COMPAT_MODES}")
+        authors = self.compat == "authors"
+        d = self.data
+        if self.eva.kd_target is None:
+            self.eva.kd_target = "raw" if authors else "normalized"
+        if self.cat.vision_prompts is None:
+            self.cat.vision_prompts = "overwrite" if authors else "append"
+        if self.cat.prompt_layout is None:
+            self.cat.prompt_layout = "authors" if authors else "ceprompt"
+        resize, interpolation = AUTHORS_RESIZE.get(d.dataset, ("square", "bicubic")) if authors else \
+            ("square", "bicubic")
+        d.resize = d.resize or resize
+        d.interpolation = d.interpolation or interpolation
+        if d.prompt_names is None and authors and d.dataset in AUTHORS_PROMPT_NAMES:
+            d.prompt_names = list(AUTHORS_PROMPT_NAMES[d.dataset])
+        return self
+
     def validate(self) -> "Config":
+        self.resolve_compat()
         for name, value in _numeric_fields(self):
             if value is not None or name not in NULLABLE:
                 check(name, value, RANGES[name])
@@ -140,6 +183,13 @@ class Config:
              f"backbone.activation={self.backbone.activation!r}; expected auto, quickgelu or gelu"),
             (len(self.data.mean) == 3 and len(self.data.std) == 3,
              "data.mean and data.std need 3 values each (std > 0)"),
+            (self.data.resize in ("square", "shorter"), f"data.resize={self.data.resize!r}; expected square or shorter"),
+            (self.data.interpolation in ("bicubic", "bilinear"),
+             f"data.interpolation={self.data.interpolation!r}; expected bicubic or bilinear"),
+            (self.cat.prompt_layout in ("ceprompt", "authors"),
+             f"cat.prompt_layout={self.cat.prompt_layout!r}; expected ceprompt or authors"),
+            (self.data.prompt_names is None or all(isinstance(n, str) and n.strip() for n in self.data.prompt_names),
+             "data.prompt_names: expected a list of non-empty words"),
         ]
         for ok, message in checks:
             if not ok:
@@ -173,6 +223,7 @@ RANGES: dict[str, Range] = {
     "optim.grad_clip": POSITIVE,
     "run.seed": Range(0, 2**32 - 1, integer=True),
     "run.eval_every": Range(1, 100_000, integer=True),
+    "run.threads": Range(0, 1024, integer=True),
 }
 NULLABLE = {"optim.grad_clip"}  # None means "off"
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import platform
 import tempfile
 import warnings
@@ -14,16 +16,52 @@ from .clip_backbone import build_clip, get_arch, tokenize
 from .clip_files import load_clip, save_clip_safetensors
 
 
-def _versions() -> list[tuple[str, str]]:
+# ceprompt's optional extras (pyproject.toml) and the packages each brings.
+EXTRAS = {
+    "face": ("facenet-pytorch",),
+    "video": ("av",),
+    "onnx": ("onnx", "onnxscript", "onnxruntime"),
+    "serve": ("fastapi", "uvicorn", "python-multipart"),
+    "hub": ("huggingface_hub",),
+}
+
+
+def _version(dist: str) -> str | None:
     import importlib.metadata as md
 
+    try:
+        return md.version(dist)
+    except md.PackageNotFoundError:
+        return None
+
+
+def _versions() -> list[tuple[str, str]]:
     rows = [("ceprompt", __version__), ("python", platform.python_version())]
-    for dist in ("torch", "torchvision", "open_clip_torch", "safetensors", "facenet-pytorch", "transformers"):
-        try:
-            rows.append((dist, md.version(dist)))
-        except md.PackageNotFoundError:
-            rows.append((dist, "not installed"))
+    for dist in ("torch", "torchvision", "open_clip_torch", "safetensors", "transformers"):
+        rows.append((dist, _version(dist) or "not installed"))
     return rows
+
+
+def _extras() -> list[tuple[str, str]]:
+    rows = []
+    for extra, dists in EXTRAS.items():
+        found = [(d, _version(d)) for d in dists]
+        missing = [d for d, v in found if v is None]
+        state = "installed" if not missing else f"missing {', '.join(missing)}: pip install 'ceprompt[{extra}]'"
+        rows.append((extra, f"{state}  ({', '.join(f'{d} {v}' for d, v in found if v)})" if not missing else state))
+    return rows
+
+
+def _cpu() -> list[tuple[str, str]]:
+    from .threads import affinity_cpus, choose_threads, cpu_quota, usable_cpus
+
+    quota = cpu_quota()
+    threads, why = choose_threads()
+    return [
+        ("cores", f"{os.cpu_count()} in the machine, {len(affinity_cpus())} in this process's affinity mask, "
+                  f"cgroup quota {'none' if quota is None else f'{quota:g} cores'} -> {usable_cpus()} usable"),
+        ("threads", f"{threads} by default now ({why}); --threads N to fix"),
+    ]
 
 
 def _cpu_bf16() -> str:
@@ -34,7 +72,7 @@ def _cpu_bf16() -> str:
 
 
 def _devices() -> list[tuple[str, str]]:
-    rows = [("cpu", f"{torch.get_num_threads()} threads, bf16 {_cpu_bf16()}")]
+    rows = [("cpu", f"bf16 {_cpu_bf16()}")]
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             name = torch.cuda.get_device_name(i)
@@ -63,10 +101,47 @@ def _write_formats(arch: str, folder: Path) -> dict[str, Path]:
     return paths
 
 
+def _huggingface_check(folder: Path) -> tuple[str, float] | None:
+    """A random transformers CLIPModel saved with its own save_pretrained, read by ceprompt; the relative
+    difference of image and text embeddings against transformers' own forward. None without transformers."""
+    try:
+        import transformers
+    except ImportError:
+        return None
+    config = transformers.CLIPConfig(
+        text_config=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                         max_position_embeddings=77, vocab_size=49408),
+        vision_config=dict(hidden_size=96, intermediate_size=384, num_hidden_layers=2, num_attention_heads=3,
+                           image_size=32, patch_size=8),
+        projection_dim=40,
+    )
+    torch.manual_seed(0)
+    hf = transformers.CLIPModel(config).eval()
+    transformers.logging.disable_progress_bar()
+    hf.save_pretrained(folder / "hf")
+    loaded = load_clip(folder / "hf")
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    text = tokenize(["a photo of a happy facial expression."])
+    with torch.no_grad():
+        want_img = hf.get_image_features(pixel_values=images)
+        want_txt = hf.get_text_features(input_ids=text)
+        want_img = getattr(want_img, "pooler_output", want_img)
+        want_txt = getattr(want_txt, "pooler_output", want_txt)
+        err = max(((loaded.model.encode_image(images) - want_img).norm() / want_img.norm()).item(),
+                  ((loaded.model.encode_text(text) - want_txt).norm() / want_txt.norm()).item())
+    return loaded.format, err
+
+
 def run_doctor(arch: str = "tiny-vit") -> int:
     """Print the report; exit status 1 if any format failed to round-trip."""
     print("versions:")
     for name, value in _versions():
+        print(f"  {name:16s} {value}")
+    print("optional extras:")
+    for name, value in _extras():
+        print(f"  {name:16s} {value}")
+    print("cpu:")
+    for name, value in _cpu():
         print(f"  {name:16s} {value}")
     print("devices:")
     for name, value in _devices():
@@ -80,6 +155,7 @@ def run_doctor(arch: str = "tiny-vit") -> int:
         want_img, want_txt = reference.encode_image(images), reference.encode_text(text)
     failed = 0
     print(f"CLIP round trip ({arch}: {spec.describe()}):")
+    logging.getLogger("ceprompt.clip_files").setLevel(logging.WARNING)  # the table says what was loaded
     with tempfile.TemporaryDirectory() as tmp:
         for fmt, path in _write_formats(arch, Path(tmp)).items():
             loaded = load_clip(path)
@@ -92,5 +168,13 @@ def run_doctor(arch: str = "tiny-vit") -> int:
             ok = loaded.format == fmt and err < 1e-5
             failed += not ok
             print(f"  {fmt:12s} detected as {loaded.format:12s} relative error {err:.1e}  {'ok' if ok else 'FAILED'}")
+        hf = _huggingface_check(Path(tmp))
+        if hf is None:
+            print("  huggingface  skipped (transformers is not installed)")
+        else:
+            ok = hf[0] == "huggingface" and hf[1] < 1e-5
+            failed += not ok
+            print(f"  {'huggingface':12s} detected as {hf[0]:12s} relative error {hf[1]:.1e}  "
+                  f"{'ok' if ok else 'FAILED'}  (written by transformers)")
     print("all checks passed" if not failed else f"{failed} check(s) failed")
     return 1 if failed else 0

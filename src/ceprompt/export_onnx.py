@@ -66,7 +66,7 @@ def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, overwrite
         try:
             torch.onnx.export(wrapper, (example,), str(tmp), input_names=["image"], output_names=["probabilities"],
                               dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1, max=1024)}},
-                              opset_version=opset, dynamo=True, external_data=False)
+                              opset_version=opset, dynamo=True, external_data=False, verbose=False)
         except Exception as exc:
             raise CheckpointError(f"{loaded.path}: ONNX export failed ({str(exc).splitlines()[0][:300]})") from None
         check = _check(wrapper, str(tmp), size, ort)

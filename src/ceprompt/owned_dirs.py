@@ -14,13 +14,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import shutil
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 from .errors import ConfigError
 
@@ -170,6 +171,20 @@ class OwnedDir:
             self.rollback()
             raise ConfigError(f"{p}: cannot write the {self.kind} ({exc.strerror or exc})") from None
         return p
+
+    @contextlib.contextmanager
+    def replacing(self) -> Iterator[Path]:
+        """:meth:`open`; the block fills the folder; :meth:`commit` when it ends, :meth:`rollback` if it raises."""
+        folder = self.open()
+        try:
+            yield folder
+        except BaseException:
+            self.rollback()
+            raise
+        else:
+            self.commit()
+        finally:
+            self.close()
 
     def commit(self) -> None:
         """The new folder holds a result: the old one (if any) can go."""

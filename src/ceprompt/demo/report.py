@@ -45,15 +45,27 @@ def plot_examples(predictions_csv: Path, path: Path, n: int = 21, columns: int =
     return path
 
 
+def results_markdown(results: dict[str, Any]) -> str:
+    """The demo's table (mean ± std when several seeds ran) and the time each step took."""
+    from .run import format_value
+
+    several = len(results.get("seeds", [0])) > 1
+    lines = ["| step | accuracy | macro-F1 |", "|---|---|---|"]
+    lines += [f"| {r['step']} | {format_value(r, 'accuracy', several)} | {format_value(r, 'macro_f1', several)} |"
+              for r in results["rows"]]
+    lines += [f"| chance | {results['chance']:.3f} | |", ""]
+    seeds = results.get("seeds", [])
+    lines += [f"{results['n_train']} training and {results['n_test']} test images"
+              + (f"; mean ± sample standard deviation over seeds {', '.join(map(str, seeds))}" if several else "")
+              + f"; {results.get('threads', '?')} CPU thread(s).", "", "| step | seconds |", "|---|---|"]
+    lines += [f"| {step} | {seconds:.1f} |" for step, seconds in results["seconds"].items()]
+    return "\n".join(lines) + "\n"
+
+
 def write_demo_report(folder: Path, results: dict[str, Any], run1: Path, run2: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    lines = ["| step | accuracy | macro-F1 |", "|---|---|---|"]
-    lines += [f"| {r['step']} | {r['accuracy']:.3f} | {r['macro_f1']:.3f} |" for r in results["rows"]]
-    lines += [f"| chance | {results['chance']:.3f} | |", "",
-              f"{results['n_train']} training and {results['n_test']} test images; "
-              f"seconds per step: {results['seconds']}"]
-    (folder / "results.md").write_text("\n".join(lines) + "\n")
+    (folder / "results.md").write_text(results_markdown(results))
     shutil.copy(run2 / "eval" / "confusion_matrix.png", folder / "confusion_matrix.png")
     plot_curves({"stage 1 (EVA)": run1 / "summary.csv", "stage 2 (CAT)": run2 / "summary.csv"},
                 folder / "training_curves.png")

@@ -14,10 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..config import load_config
 from ..engine.eval_job import run_eval
 from ..engine.train import train
 from ..owned_dirs import OwnedDir
+from ..ranges import Range, check
+from ..threads import set_threads
 from .pretrain import PretrainSettings, cached_clip, demo_clip_path
 from .report import write_demo_report
 
@@ -34,50 +38,51 @@ class DemoPlan:
     overrides: tuple[str, ...] = field(default_factory=tuple)
 
 
-# Measured on 2 CPU cores (README): the full plan about 7 minutes on a first run, 3 with its CLIP cached;
-# the quick one about 3 and under 1. With 200 pretraining steps instead of 400 the quick demo CLIP
-# collapsed (stage 1 stayed at chance), so the quick first run stays near 3 minutes.
+# Measured on 2 CPU cores (README): the full plan about 5 minutes on a first run, 1.5 with its CLIP cached;
+# the quick one about 1.5 and 0.5. With 200 pretraining steps instead of 400 the quick demo CLIP collapsed
+# (stage 1 stayed at chance). Stage 2 needs 6 epochs even in the quick plan: it starts from its own
+# prompts, which the demo CLIP's text tower puts far from stage 1's, and with 3 epochs it landed
+# anywhere from 0.48 to 0.65 over seeds 0-3 (stage 1: 0.61); with 6, at 0.63-0.64 for all four.
 FULL = DemoPlan(n_train=2800, n_test=700, pretrain=PretrainSettings(), stage1_epochs=12, stage2_epochs=6)
-QUICK = DemoPlan(n_train=1050, n_test=350, pretrain=PretrainSettings(steps=400), stage1_epochs=6, stage2_epochs=3,
+QUICK = DemoPlan(n_train=1050, n_test=350, pretrain=PretrainSettings(steps=400), stage1_epochs=6, stage2_epochs=6,
                  overrides=("run.eval_every=3",))
 
 
 def _has_report(folder: Path) -> bool:
-    return (folder / "report" / "results.json").is_file() or (folder / "stage1").is_dir()
+    return ((folder / "report" / "results.json").is_file() or (folder / "stage1").is_dir()
+            or any(folder.glob("seed-*")))
 
 
 def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, overwrite: bool = False,
-             workers: int = 2, progress: bool = True) -> dict[str, Any]:
-    """Run the demo; returns the results table (also written to ``out/report/results.json``)."""
+             workers: int = 2, progress: bool = True, threads: int | None = None, seeds: int = 1) -> dict[str, Any]:
+    """Run the demo; returns the results table (also written to ``out/report/results.json``).
+
+    With ``seeds`` > 1 both stages are trained once per seed (``seed``, ``seed + 1``, ...) on the same
+    data and demo CLIP, and the table gives mean and standard deviation over the seeds.
+    """
+    check("seeds", seeds, Range(1, 100, integer=True))
     plan = QUICK if quick else FULL
     owned = OwnedDir(Path(out), "demo folder", _has_report, overwrite).plan()
-    out = owned.open()
-    try:
-        results = _run(out, plan, quick, seed, workers, progress)
-    except BaseException:
-        owned.rollback()
-        raise
-    else:
-        owned.commit()
-    finally:
-        owned.close()
-    return results
+    with owned.replacing() as folder:
+        return _run(folder, plan, quick, seed, seeds, workers, progress, threads)
 
 
-def _run(out: Path, plan: DemoPlan, quick: bool, seed: int, workers: int, progress: bool) -> dict[str, Any]:
+def _run(out: Path, plan: DemoPlan, quick: bool, seed: int, seeds: int, workers: int, progress: bool,
+         threads: int | None) -> dict[str, Any]:
     from .faces import write_rafdb_dataset
 
     start = time.perf_counter()
     timings: dict[str, float] = {}
 
     def lap(name: str, t0: float) -> None:
-        timings[name] = round(time.perf_counter() - t0, 1)
+        timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - t0, 1)
 
     t0 = time.perf_counter()
     data = write_rafdb_dataset(out / "data", plan.n_train, plan.n_test, seed=seed, workers=workers)
     lap("generate data", t0)
     log.info("generated %d training and %d test faces in %s", plan.n_train, plan.n_test, data)
 
+    used_threads = set_threads(threads)
     t0 = time.perf_counter()
     cached_full = cached_clip(FULL.pretrain)
     if quick and cached_full is not None:
@@ -85,44 +90,71 @@ def _run(out: Path, plan: DemoPlan, quick: bool, seed: int, workers: int, progre
     clip = cached_full if quick and cached_full else demo_clip_path(plan.pretrain, progress=progress, workers=workers)
     lap("demo CLIP", t0)
 
-    common = [f"backbone.path={clip}", f"data.root={data}", f"run.output_dir={out}", f"run.seed={seed}",
-              f"run.progress={str(progress).lower()}", *plan.overrides]
+    common = [f"backbone.path={clip}", f"data.root={data}", f"run.progress={str(progress).lower()}",
+              f"run.threads={threads or 0}", *plan.overrides]
     t0 = time.perf_counter()
-    zero_shot = run_eval(data, zero_shot_config=load_config("demo_stage1", common), out=out / "zero_shot",
-                         device="cpu", workers=0, progress=progress)
+    zero_shot = run_eval(data, zero_shot_config=load_config("demo_stage1", [*common, f"run.output_dir={out}"]),
+                         out=out / "zero_shot", device="cpu", workers=0, progress=progress)
     lap("zero-shot", t0)
 
-    t0 = time.perf_counter()
-    run1 = train(load_config("demo_stage1", [*common, f"optim.epochs={plan.stage1_epochs}"]))
-    lap("stage 1", t0)
-    t0 = time.perf_counter()
-    run2 = train(load_config("demo_stage2", [*common, f"backbone.init={run1}",
-                                             f"optim.epochs={plan.stage2_epochs}"]))
-    lap("stage 2", t0)
+    per_seed: list[dict[str, Any]] = []
+    for s in range(seed, seed + seeds):
+        folder = out if seeds == 1 else out / f"seed-{s}"
+        here = [*common, f"run.output_dir={folder}", f"run.seed={s}"]
+        t0 = time.perf_counter()
+        run1 = train(load_config("demo_stage1", [*here, f"optim.epochs={plan.stage1_epochs}"]))
+        lap("stage 1", t0)
+        t0 = time.perf_counter()
+        run2 = train(load_config("demo_stage2", [*here, f"backbone.init={run1}", f"optim.epochs={plan.stage2_epochs}"]))
+        lap("stage 2", t0)
+        per_seed.append({"seed": s, "stage1": _metrics(run1), "stage2": _metrics(run2), "runs": [str(run1), str(run2)]})
 
-    stage1 = json.loads((run1 / "eval" / "metrics.json").read_text())
-    stage2 = json.loads((run2 / "eval" / "metrics.json").read_text())
     timings["total"] = round(time.perf_counter() - start, 1)
+    zero = {"accuracy": zero_shot["accuracy"], "macro_f1": zero_shot["macro_f1"]}
     results = {
-        "rows": [
-            {"step": "zero-shot CLIP", "accuracy": zero_shot["accuracy"], "macro_f1": zero_shot["macro_f1"]},
-            {"step": "after stage 1 (EVA)", "accuracy": stage1["accuracy"], "macro_f1": stage1["macro_f1"]},
-            {"step": "after stage 2 (CAT)", "accuracy": stage2["accuracy"], "macro_f1": stage2["macro_f1"]},
-        ],
-        "chance": 1 / len(stage2["class_names"]),
+        "rows": [_row("zero-shot CLIP", [zero]),
+                 _row("after stage 1 (EVA)", [p["stage1"] for p in per_seed]),
+                 _row("after stage 2 (CAT)", [p["stage2"] for p in per_seed])],
+        "chance": 1 / len(zero_shot["class_names"]),
         "n_train": plan.n_train,
         "n_test": plan.n_test,
         "quick": quick,
+        "seeds": [p["seed"] for p in per_seed],
+        "per_seed": per_seed,
+        "threads": used_threads,
         "seconds": timings,
-        "runs": {"zero_shot": str(out / "zero_shot"), "stage1": str(run1), "stage2": str(run2)},
+        "runs": {"zero_shot": str(out / "zero_shot"), "stage1": per_seed[0]["runs"][0], "stage2": per_seed[0]["runs"][1]},
     }
-    write_demo_report(out / "report", results, run1, run2)
+    write_demo_report(out / "report", results, Path(per_seed[0]["runs"][0]), Path(per_seed[0]["runs"][1]))
     return results
 
 
+def _metrics(run: Path) -> dict[str, float]:
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    return {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]}
+
+
+def _row(step: str, values: list[dict[str, float]]) -> dict[str, Any]:
+    """Mean and (sample) standard deviation over seeds; std is 0 for a single value."""
+    row: dict[str, Any] = {"step": step}
+    for key in ("accuracy", "macro_f1"):
+        xs = np.array([v[key] for v in values], dtype=np.float64)
+        row[key] = float(xs.mean())
+        row[f"{key}_std"] = float(xs.std(ddof=1)) if len(xs) > 1 else 0.0
+    return row
+
+
+def format_value(row: dict[str, Any], key: str, several: bool) -> str:
+    return f"{row[key]:.3f} ± {row[key + '_std']:.3f}" if several else f"{row[key]:.3f}"
+
+
 def format_table(results: dict[str, Any]) -> str:
-    lines = [f"{'':24s} {'accuracy':>9s} {'macro-F1':>9s}"]
+    several = len(results.get("seeds", [0])) > 1
+    width = 15 if several else 9
+    title = f"mean ± std over {len(results['seeds'])} seeds" if several else ""
+    lines = [f"{title:24s} {'accuracy':>{width}s} {'macro-F1':>{width}s}"]
     for row in results["rows"]:
-        lines.append(f"{row['step']:24s} {row['accuracy']:9.3f} {row['macro_f1']:9.3f}")
-    lines.append(f"{'chance':24s} {results['chance']:9.3f}")
+        lines.append(f"{row['step']:24s} {format_value(row, 'accuracy', several):>{width}s} "
+                     f"{format_value(row, 'macro_f1', several):>{width}s}")
+    lines.append(f"{'chance':24s} {results['chance']:{width}.3f}")
     return "\n".join(lines)

@@ -35,6 +35,7 @@ from ..eva import EVAModel
 from ..io_utils import atomic_write
 from ..owned_dirs import MARKER, DirLock, OwnedDir
 from ..paths import escapes
+from ..threads import ThreadGovernor
 from ..metrics import fit_temperature
 from ..trainable import load_trainable
 from .build import BuiltModel, build_for_training, checkpoint_meta, preprocess_from_config
@@ -45,7 +46,7 @@ from .schedule import apply_lr, lr_at
 
 log = logging.getLogger(__name__)
 SUMMARY_FIELDS = ["epoch", "lr", "train_loss", "train_ce", "train_kd", "train_accuracy", "test_accuracy",
-                  "test_mean_class_accuracy", "test_macro_f1", "epoch_seconds", "train_images_per_second"]
+                  "test_mean_class_accuracy", "test_macro_f1", "epoch_seconds", "train_images_per_second", "threads"]
 
 
 def run_dir_path(cfg: Config, rt: Runtime) -> Path:
@@ -135,6 +136,7 @@ class Trainer:
     def __init__(self, cfg: Config, rt: Runtime) -> None:
         self.cfg, self.rt = cfg, rt
         self.run_dir = Path()
+        self.threads = ThreadGovernor(cfg.run.threads or None, adapt=not cfg.run.deterministic)
         self.splits = load_data(cfg, rt)
         self.class_names = self.splits.class_names
         self.built: BuiltModel = build_for_training(cfg, self.class_names)
@@ -364,6 +366,7 @@ class Trainer:
         cfg, rt = self.cfg, self.rt
         epochs = cfg.optim.epochs
         for epoch in range(self.start_epoch, epochs):
+            self.threads.next_epoch()
             stats = self.train_epoch(epoch)
             metrics = None
             if (epoch + 1) % cfg.run.eval_every == 0 or epoch + 1 == epochs:
@@ -384,7 +387,8 @@ class Trainer:
         row = {"epoch": epoch + 1, "lr": f"{stats.lr:.3e}", "train_loss": f"{stats.loss:.6f}",
                "train_ce": f"{stats.ce:.6f}", "train_kd": f"{stats.kd:.6f}",
                "train_accuracy": f"{stats.accuracy:.6f}", "epoch_seconds": f"{stats.seconds:.2f}",
-               "train_images_per_second": f"{stats.images_per_second * self.rt.world:.2f}"}
+               "train_images_per_second": f"{stats.images_per_second * self.rt.world:.2f}",
+               "threads": self.threads.threads}
         if metrics:
             row.update(test_accuracy=f"{metrics['accuracy']:.6f}",
                        test_mean_class_accuracy=f"{metrics['mean_class_accuracy']:.6f}",
