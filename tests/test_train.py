@@ -71,7 +71,7 @@ def test_both_stages_train_and_evaluate(tmp_path: Path, rafdb: Path, capsys) -> 
     meta = json.loads((run1 / "checkpoints" / "last.json").read_text())
     assert meta["stage"] == "eva" and meta["class_names"][0] == "surprise"
     assert meta["preprocess"] == {"image_size": 64, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
-                                  "interpolation": "bicubic"}
+                                  "interpolation": "bicubic", "resize": "square"}
     weights = load_file(run1 / "checkpoints" / "last.safetensors")
     assert all(k.startswith(("visual.transformer.resblocks.", "visual.ln_post", "visual.proj")) for k in weights)
     assert not any(k.startswith(("visual.transformer.resblocks.0.", "visual.transformer.resblocks.1.")) for k in weights)

@@ -33,6 +33,8 @@ class CATModel(nn.Module):
         invariant_token: bool = False,
         vision_prompts: str = "append",
         grad_checkpointing: bool = False,
+        prompt_names: Sequence[str] | None = None,
+        prompt_layout: str = "ceprompt",
     ) -> None:
         super().__init__()
         freeze(clip)
@@ -42,7 +44,8 @@ class CATModel(nn.Module):
         self.grad_checkpointing = grad_checkpointing
         self.prompt_learner = PromptLearner(
             clip, class_names, n_ctx=n_ctx, ctx_init=ctx_init, depth=prompt_depth,
-            invariant_token=invariant_token, vision_prompts=vision_prompts,
+            invariant_token=invariant_token, vision_prompts=vision_prompts, prompt_names=prompt_names,
+            layout=prompt_layout,
         )
 
     def class_text_features(self) -> torch.Tensor:

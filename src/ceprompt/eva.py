@@ -8,6 +8,7 @@ blocks are shared, so they run once per batch for both, without building a graph
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Sequence
 
 import torch
@@ -37,7 +38,12 @@ class EVAModel(nn.Module):
         kd_weight: float = 1.0,
         kd_target: str = "normalized",
         grad_checkpointing: bool = False,
+        prompt_names: Sequence[str] | None = None,
+        raw_text_at_eval: bool = False,
     ) -> None:
+        """``prompt_names``: the words put in the prompts (default: the class names).
+        ``raw_text_at_eval``: score with unnormalised class text embeddings in eval mode, as the authors'
+        stage-1 ``test()`` does (training always normalises them)."""
         super().__init__()
         n_blocks = len(clip.visual.transformer.resblocks)
         if not 0 <= fix_layer <= n_blocks:
@@ -48,6 +54,11 @@ class EVAModel(nn.Module):
             raise ConfigError(f"eva.kd_weight={kd_weight}; expected >= 0")
         self.clip = clip
         self.class_names = list(class_names)
+        self.prompt_names = list(prompt_names) if prompt_names is not None else list(class_names)
+        if len(self.prompt_names) != len(self.class_names):
+            raise ConfigError(f"data.prompt_names has {len(self.prompt_names)} words for {len(self.class_names)} "
+                              "classes")
+        self.raw_text_at_eval = raw_text_at_eval
         self.head = head or HeadConfig()
         self.fix_layer = fix_layer
         self.template = template
@@ -71,12 +82,20 @@ class EVAModel(nn.Module):
             })
             self.teacher.register_parameter("proj", nn.Parameter(visual.proj.detach().clone()))
             freeze(self.teacher)
-        # Computed once per run (the text tower is frozen); not part of any checkpoint.
-        self.register_buffer("text_features", fixed_prompt_features(clip, self.prompts), persistent=False)
+        # Computed once per run (the text tower is frozen); not part of any checkpoint. The raw ones serve
+        # only the authors' stage-1 test scoring.
+        raw = fixed_prompt_features(clip, self.prompts)
+        self.register_buffer("text_features", F.normalize(raw, dim=-1), persistent=False)
+        self.register_buffer("text_raw", raw, persistent=False)
 
     @property
     def prompts(self) -> list[str]:
-        return class_prompts(self.template, self.class_names)
+        return class_prompts(self.template, self.prompt_names)
+
+    def _head(self) -> HeadConfig:
+        if self.raw_text_at_eval and not self.training:
+            return dataclasses.replace(self.head, normalize_text=False)
+        return self.head
 
     def train(self, mode: bool = True) -> "EVAModel":
         super().train(mode)
@@ -85,7 +104,8 @@ class EVAModel(nn.Module):
         return self
 
     def class_text_features(self) -> torch.Tensor:
-        return self.text_features
+        """L2-normalised class embeddings; unnormalised in eval mode with ``raw_text_at_eval``."""
+        return self.text_raw if self.raw_text_at_eval and not self.training else self.text_features
 
     def _lower(self, images: torch.Tensor) -> torch.Tensor:
         visual = self.clip.visual
@@ -154,8 +174,8 @@ class EVAModel(nn.Module):
         ``views`` are the batch's view keys, for the teacher cache."""
         lower = self._lower(images)
         tokens = self._student(lower)
-        text = self.text_features if text_features is None else text_features
-        logits = emotion_scores(tokens[:, 0], tokens[:, 1:], text, self.head)
+        text = self.class_text_features() if text_features is None else text_features
+        logits = emotion_scores(tokens[:, 0], tokens[:, 1:], text, self._head())
         out = ScoreOutput(logits=logits, global_emb=tokens[:, 0], patches=tokens[:, 1:])
         if labels is None:
             return out

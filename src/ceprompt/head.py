@@ -21,6 +21,7 @@ class HeadConfig:
     alpha: float = 0.5  # weight of the local score; 1 - alpha weighs the global score
     mode: str = "both"  # "both", or the ablations "global" (class token only) and "local" (patches only)
     logit_scale: float = 1.0  # multiplies the scores before cross-entropy; the reference uses none
+    normalize_text: bool = True  # False: the authors' stage-1 test scoring, with raw class text embeddings
 
     def __post_init__(self) -> None:
         from .errors import ConfigError
@@ -69,13 +70,14 @@ def emotion_scores(
 
 
 def _mixed_scores(global_emb: torch.Tensor, patches: torch.Tensor, text: torch.Tensor, cfg: HeadConfig) -> torch.Tensor:
-    text = F.normalize(text, dim=-1)
+    if cfg.normalize_text:
+        text = F.normalize(text, dim=-1)
     parts = []
     if cfg.mode in ("both", "global"):
         s_global = F.normalize(global_emb, dim=-1) @ text.t()
         parts.append((1.0 - cfg.alpha if cfg.mode == "both" else 1.0, F.normalize(s_global, dim=-1)))
     if cfg.mode in ("both", "local"):
-        sim = patch_class_similarity(patches, text)
+        sim = F.normalize(patches, dim=-1) @ text.t()
         k = min(cfg.top_k, sim.shape[1])
         s_local = sim.topk(k, dim=1).values.mean(dim=1)
         parts.append((cfg.alpha if cfg.mode == "both" else 1.0, F.normalize(s_local, dim=-1)))

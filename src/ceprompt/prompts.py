@@ -25,6 +25,7 @@ from .errors import ConfigError
 
 DEFAULT_TEMPLATE = "a photo of a {} facial expression, a type of facial expression."
 VISION_PROMPT_MODES = ("append", "overwrite")
+PROMPT_LAYOUTS = ("ceprompt", "authors")
 PLACEHOLDER = "X"
 
 
@@ -36,10 +37,10 @@ def class_prompts(template: str, class_names: Sequence[str]) -> list[str]:
 
 @torch.no_grad()
 def fixed_prompt_features(clip: CLIP, prompts: Sequence[str]) -> torch.Tensor:
-    """Text embeddings of fixed prompts, L2-normalised, (C, D) in fp32."""
+    """Text embeddings of fixed prompts as the text tower gives them (not yet normalised), (C, D) in fp32."""
     device = clip.token_embedding.weight.device
     tokens = tokenize(list(prompts), clip.positional_embedding.shape[0]).to(device)
-    return F.normalize(clip.encode_text(tokens).float(), dim=-1)
+    return clip.encode_text(tokens).float()
 
 
 class PromptLearner(nn.Module):
@@ -54,7 +55,13 @@ class PromptLearner(nn.Module):
         depth: int = 9,
         invariant_token: bool = False,
         vision_prompts: str = "append",
+        prompt_names: Sequence[str] | None = None,
+        layout: str = "ceprompt",
     ) -> None:
+        """``prompt_names``: the words put in the prompts (default: the class names). ``layout`` matters only
+        with the invariant token: ``ceprompt`` builds ``[SOS] inv v1..vn <init rest> name .`` with the deep
+        prompts in the context slots; ``authors`` builds ``[SOS] X X X name .`` (invariant and context as
+        placeholders) with the deep prompts in slots 1..n_ctx, as the authors' code does."""
         super().__init__()
         text_width = clip.token_embedding.weight.shape[1]
         vision_width = clip.visual.conv1.weight.shape[0]
@@ -67,6 +74,11 @@ class PromptLearner(nn.Module):
             raise ConfigError(f"cat.prompt_depth={depth} needs cat.n_ctx >= 1 (deep prompts fill the context slots)")
         if vision_prompts not in VISION_PROMPT_MODES:
             raise ConfigError(f"cat.vision_prompts={vision_prompts!r}; expected one of {VISION_PROMPT_MODES}")
+        if layout not in PROMPT_LAYOUTS:
+            raise ConfigError(f"cat.prompt_layout={layout!r}; expected one of {PROMPT_LAYOUTS}")
+        words = list(prompt_names) if prompt_names is not None else list(class_names)
+        if len(words) != len(class_names):
+            raise ConfigError(f"data.prompt_names has {len(words)} words for {len(class_names)} classes")
         n_patches = clip.visual.positional_embedding.shape[0] - 1
         if vision_prompts == "overwrite" and n_ctx > n_patches:
             raise ConfigError(f"cat.n_ctx={n_ctx} exceeds the {n_patches} patch tokens it would overwrite")
@@ -81,9 +93,13 @@ class PromptLearner(nn.Module):
                 "lower n_ctx or set ctx_init to '' for randomly initialised context"
             )
         prefix = ctx_init.strip() if ctx_init.strip() else " ".join([PLACEHOLDER] * n_ctx)
-        if invariant_token:
+        authors_layout = invariant_token and layout == "authors"
+        if authors_layout:
+            prefix = " ".join([PLACEHOLDER] * (1 + n_ctx))
+        elif invariant_token:
             prefix = f"{PLACEHOLDER} {prefix}"
-        texts = [f"{prefix} {name.replace('_', ' ')}.".strip() for name in self.class_names]
+        self.prompt_names = words
+        texts = [f"{prefix} {name.replace('_', ' ')}.".strip() for name in words]
         token_ids = tokenize(texts, clip.positional_embedding.shape[0])
         self.register_buffer("token_ids", token_ids, persistent=False)
         with torch.no_grad():
@@ -91,9 +107,12 @@ class PromptLearner(nn.Module):
         self.register_buffer("token_embeds", embeds, persistent=False)
         self.ctx_start = 1 + int(invariant_token)  # position 0 is the start-of-text token
 
+        # where the deep text prompts go: the context slots, or (authors' layout) slots 1..n_ctx
+        self.deep_start = 1 if authors_layout else self.ctx_start
         if n_ctx:
             if init_ids:
-                ctx = embeds[0, self.ctx_start: self.ctx_start + n_ctx].clone()
+                init_embeds = clip.token_embedding(torch.tensor(init_ids[:n_ctx], device=embeds.device)).float()
+                ctx = init_embeds.detach().clone()
             else:
                 ctx = torch.randn(n_ctx, text_width) * 0.02
             self.ctx = nn.Parameter(ctx)
@@ -107,7 +126,8 @@ class PromptLearner(nn.Module):
 
     @property
     def ctx_slots(self) -> slice:
-        return slice(self.ctx_start, self.ctx_start + self.n_ctx)
+        """Sequence positions the deep text prompts replace before blocks 1..depth-1."""
+        return slice(self.deep_start, self.deep_start + self.n_ctx)
 
     def text_embeddings(self) -> torch.Tensor:
         """Word embeddings of every class prompt with the learnable tokens in place: (C, L, text width)."""

@@ -29,17 +29,24 @@ class Preprocess:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     interpolation: str = "bicubic"
+    resize_mode: str = "square"  # square: size x size (aspect not kept); shorter: shorter side, centre crop
 
     def to_dict(self) -> dict:
         return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std),
-                "interpolation": self.interpolation}
+                "interpolation": self.interpolation, "resize": self.resize_mode}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocess":
-        return cls(int(d["image_size"]), tuple(d["mean"]), tuple(d["std"]), d.get("interpolation", "bicubic"))
+        return cls(int(d["image_size"]), tuple(d["mean"]), tuple(d["std"]), d.get("interpolation", "bicubic"),
+                   d.get("resize", "square"))
 
     def resize(self) -> Callable:
+        """The deterministic first step. ``shorter`` is the authors' RAF-DB test resize (shorter side to the
+        input size); their code needs square images, and the centre crop keeps others working the same way."""
         mode = T.InterpolationMode(self.interpolation)
+        if self.resize_mode == "shorter":
+            return T.Compose([T.Resize(self.image_size, interpolation=mode, antialias=True),
+                              T.CenterCrop(self.image_size)])
         return T.Resize((self.image_size, self.image_size), interpolation=mode, antialias=True)
 
     def to_tensor(self) -> Callable:
@@ -82,5 +89,7 @@ def test_transform(pre: Preprocess) -> Augment:
     return Augment("none", pre)
 
 
-def preprocess_for(image_size: int, mean: Sequence[float], std: Sequence[float]) -> Preprocess:
-    return Preprocess(image_size, tuple(float(m) for m in mean), tuple(float(s) for s in std))
+def preprocess_for(image_size: int, mean: Sequence[float], std: Sequence[float], interpolation: str = "bicubic",
+                   resize_mode: str = "square") -> Preprocess:
+    return Preprocess(image_size, tuple(float(m) for m in mean), tuple(float(s) for s in std), interpolation,
+                      resize_mode)

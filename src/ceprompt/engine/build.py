@@ -116,7 +116,8 @@ def _stage1_model(cfg: Config, clip: CLIP, class_names: Sequence[str], training:
     return EVAModel(
         clip, class_names, head=head_config(cfg), fix_layer=fix_layer, template=cfg.eva.template,
         kd_weight=cfg.eva.kd_weight if training else 0.0, kd_target=cfg.eva.kd_target,
-        grad_checkpointing=cfg.run.grad_checkpointing,
+        grad_checkpointing=cfg.run.grad_checkpointing, prompt_names=cfg.data.prompt_names,
+        raw_text_at_eval=cfg.eva.raw_text_at_eval,
     )
 
 
@@ -125,7 +126,7 @@ def _stage2_model(cfg: Config, clip: CLIP, class_names: Sequence[str]) -> CATMod
     return CATModel(
         clip, class_names, head=head_config(cfg), n_ctx=c.n_ctx, ctx_init=c.ctx_init, prompt_depth=c.prompt_depth,
         invariant_token=c.invariant_token, vision_prompts=c.vision_prompts,
-        grad_checkpointing=cfg.run.grad_checkpointing,
+        grad_checkpointing=cfg.run.grad_checkpointing, prompt_names=cfg.data.prompt_names, prompt_layout=c.prompt_layout,
     )
 
 
@@ -248,4 +249,4 @@ def load_trained(checkpoint: str | Path) -> LoadedModel:
 
 
 def preprocess_from_config(cfg: Config, spec: ClipSpec) -> Preprocess:
-    return preprocess_for(spec.image_size, cfg.data.mean, cfg.data.std)
+    return preprocess_for(spec.image_size, cfg.data.mean, cfg.data.std, cfg.data.interpolation, cfg.data.resize)

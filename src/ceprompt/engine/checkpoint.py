@@ -58,15 +58,19 @@ def save_checkpoint(path: str | os.PathLike, tensors: dict[str, torch.Tensor], m
     return path
 
 
+# In a folder: a run directory's best, else last checkpoint; an imported model's latest stage.
+FOLDER_CHECKPOINTS = ("checkpoints/best.safetensors", "checkpoints/last.safetensors", "stage2.safetensors",
+                      "stage1.safetensors")
+
+
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A ``.safetensors`` file, its ``.json`` sidecar, or a run directory (its best, else last checkpoint)."""
+    """A ``.safetensors`` file, its ``.json`` sidecar, or a folder (see :data:`FOLDER_CHECKPOINTS`)."""
     path = Path(path).expanduser()
     if path.is_dir():
-        for name in ("best", "last"):
-            candidate = path / "checkpoints" / f"{name}.safetensors"
-            if candidate.is_file():
-                return candidate
-        raise CheckpointError(f"{path}: no checkpoints/best.safetensors or checkpoints/last.safetensors inside")
+        for name in FOLDER_CHECKPOINTS:
+            if (path / name).is_file():
+                return path / name
+        raise CheckpointError(f"{path}: no checkpoint inside (looked for {', '.join(FOLDER_CHECKPOINTS)})")
     if path.suffix == ".json":
         path = path.with_suffix(".safetensors")
     if not path.is_file():
@@ -144,6 +148,8 @@ def validate_meta(meta: dict[str, Any], where: str) -> None:
             _fail(where, f"preprocess.{key}", "3 finite numbers" + (" > 0" if key == "std" else ""), v)
     if pre.get("interpolation", "bicubic") not in INTERPOLATIONS:
         _fail(where, "preprocess.interpolation", f"one of {INTERPOLATIONS}", pre.get("interpolation"))
+    if pre.get("resize", "square") not in ("square", "shorter"):
+        _fail(where, "preprocess.resize", "square or shorter", pre.get("resize"))
     calibration = meta.get("calibration")
     if calibration is not None:
         t = calibration.get("temperature") if isinstance(calibration, dict) else calibration
