@@ -261,14 +261,19 @@ def test_authors_stage1_test_scoring_behind_its_own_switch(setup, tmp_path: Path
     image = face_image(3)
     normal = ceprompt_scores(out / "stage1.safetensors", image)
     assert rel_err(normal, reference_scores(setup["clip"], (s1, s2), 1, image)) < 1e-5
-    from ceprompt.engine.checkpoint import read_checkpoint, save_checkpoint
-
-    tensors, meta, _ = read_checkpoint(out / "stage1.safetensors")
-    meta["config"]["eva"]["raw_text_at_eval"] = True
-    save_checkpoint(out / "raw.safetensors", tensors, meta)
-    raw = ceprompt_scores(out / "raw.safetensors", image)
+    loaded = load_trained(out / "stage1.safetensors", ["eva.raw_text_at_eval=true"])  # what `eval --set` does
+    pre = loaded.preprocess
+    with torch.no_grad():
+        loaded.model.eval()
+        raw = loaded.model(pre.to_tensor()(pre.resize()(image)).unsqueeze(0),
+                           text_features=loaded.model.class_text_features()).logits
     want = reference_scores(setup["clip"], (s1, s2), 1, image, raw_text=True)
     assert rel_err(raw, want) < 1e-5 and rel_err(raw, normal) > 1e-4
+    report = tmp_path / "raw-eval"
+    assert main(["eval", "--checkpoint", str(out), "--data", str(setup["data"]), "--out", str(report),
+                 "--set", "eva.raw_text_at_eval=true", "--no-progress", "--workers", "0"]) == 0
+    assert main(["eval", "--checkpoint", str(out), "--data", str(setup["data"]), "--out", str(tmp_path / "x"),
+                 "--set", "head.top_k=3", "--no-progress"]) == 1  # what the model learned cannot change
 
 
 def test_eval_predict_serve_and_onnx_on_imported_models(setup, tmp_path: Path) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -177,11 +176,12 @@ class Recognizer:
 
 
 def load(checkpoint: str | os.PathLike, device: str = "auto", precision: str = "auto", **kwargs: Any) -> Recognizer:
-    """A :class:`Recognizer` for a checkpoint file or run directory (its best checkpoint).
+    """A :class:`Recognizer` for a checkpoint file, a run directory (its best checkpoint), an imported or
+    exported folder, or a model on the Hugging Face Hub (``hf-hub:ORG/NAME[@REV]``).
 
     A model that carries a notice (the demo's: drawn faces only) says so with a warning.
     """
-    rec = Recognizer(load_trained(Path(checkpoint)), device=device, precision=precision, **kwargs)
+    rec = Recognizer(load_trained(checkpoint), device=device, precision=precision, **kwargs)
     if rec.notice:
         warnings.warn(rec.notice, UserWarning, stacklevel=2)
     return rec

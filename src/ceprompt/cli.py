@@ -96,7 +96,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     run_eval(args.data, checkpoint=None if args.zero_shot else args.checkpoint, zero_shot_config=zero_shot,
              dataset=args.dataset, split=args.split, out=args.out, overwrite=args.overwrite,
              batch_size=args.batch_size, workers=args.workers, device=args.device, precision=args.precision,
-             progress=not args.no_progress, allow_outside_root=args.allow_outside_root)
+             progress=not args.no_progress, allow_outside_root=args.allow_outside_root,
+             overrides=[] if args.zero_shot else list(args.set or []))
     return 0
 
 
@@ -143,6 +144,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    if args.format == "hub":
+        from .export_hub import export_hub
+
+        folder = export_hub(args.checkpoint, args.out, dtype=args.dtype, overwrite=args.overwrite)
+        print(f"wrote {folder}/model.safetensors, config.json and README.md; publish with: "
+              f"huggingface-cli upload ORG/NAME {folder}")
+        return 0
     from .export_onnx import export_onnx
 
     check = export_onnx(args.checkpoint, args.out, overwrite=args.overwrite)
@@ -252,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("train", help="train stage 1 (eva) or stage 2 (cat); torchrun for many GPUs")
     p.add_argument("--config", help="YAML file or shipped name (rafdb_stage1, affectnet7_stage2, ...)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
-    p.add_argument("--clip", help="your CLIP weights (backbone.path)")
+    p.add_argument("--clip", help="CLIP weights (backbone.path): a file, a folder or a name such as ViT-B-16, "
+                                  "ViT-L-14:openai or hf-hub:ORG/NAME")
     p.add_argument("--data", help="dataset root (data.root)")
     p.add_argument("--init", help="stage 2: the stage-1 checkpoint or run directory (backbone.init)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run where it stopped")
@@ -294,7 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zero-shot", action="store_true", help="plain CLIP with the stage-1 prompts (baseline)")
     p.add_argument("--config", help="zero-shot: config giving backbone/head/prompt settings")
     p.add_argument("--clip", help="zero-shot: CLIP weights (backbone.path)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="zero-shot: config override")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="zero-shot: any config override; a checkpoint: eva.raw_text_at_eval=true (the authors' "
+                        "stage-1 test scoring)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_outside_root(p)
     _add_pixel_limit(p)
@@ -302,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_cmd_eval, device="auto", precision="auto", workers=4)
 
     p = verbs.add_parser("predict", help="expressions of every face in images, folders and videos")
-    p.add_argument("checkpoint", help="checkpoint .safetensors or run directory")
+    p.add_argument("checkpoint", help="checkpoint .safetensors, run directory, model folder or hf-hub:ORG/NAME")
     p.add_argument("inputs", nargs="+", metavar="PATH", help="images, videos or folders (searched recursively)")
     p.add_argument("--output", "-o", default="-", help="CSV or .jsonl file (default: CSV on stdout)")
     p.add_argument("--format", choices=["csv", "jsonl"], help="default: from the output's suffix, else csv")
@@ -323,10 +334,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_args(p)
     p.set_defaults(handler=_cmd_predict, device="auto", precision="auto")
 
-    p = verbs.add_parser("export", help="export a trained model (onnx)")
-    p.add_argument("format", choices=["onnx"])
-    p.add_argument("checkpoint", help="checkpoint .safetensors or run directory")
-    p.add_argument("out", help="output file ending in .onnx (a .json description is written beside it)")
+    p = verbs.add_parser("export", help="export a trained model: an ONNX graph, or a folder for the Hugging Face Hub")
+    p.add_argument("format", choices=["onnx", "hub"])
+    p.add_argument("checkpoint", help="checkpoint .safetensors, run directory or model folder")
+    p.add_argument("out", help="onnx: a file ending in .onnx (a .json description is written beside it); "
+                               "hub: a folder (model.safetensors, config.json, README.md)")
+    p.add_argument("--dtype", choices=["fp16", "fp32"], default="fp16", help="hub: weight precision (default fp16)")
     p.add_argument("--overwrite", action="store_true")
     _add_threads(p)
     p.set_defaults(handler=_cmd_export)
@@ -357,7 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_cmd_import_official)
 
     p = verbs.add_parser("serve", help="a local web page (and JSON API) to try a model on photos")
-    p.add_argument("checkpoint", nargs="?", help="checkpoint or run directory (default: the demo model)")
+    p.add_argument("checkpoint", nargs="?", help="checkpoint, run directory, model folder or hf-hub:ORG/NAME "
+                                                 "(default: your runs/demo model, else the cached demo model)")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
     p.add_argument("--port", type=arg(Range(0, 65535, integer=True)), default=8000)
     p.add_argument("--max-upload-mb", type=arg(Range(0, 10_000, lo_open=True)), default=10.0,

@@ -22,7 +22,6 @@ EXTRAS = {
     "video": ("av",),
     "onnx": ("onnx", "onnxscript", "onnxruntime"),
     "serve": ("fastapi", "uvicorn", "python-multipart"),
-    "hub": ("huggingface_hub",),
 }
 
 

@@ -210,7 +210,7 @@ def import_official(clip: str | os.PathLike, stage1: str | os.PathLike, dataset:
     owned = OwnedDir(Path(out), "imported model folder", lambda p: (p / "stage1.safetensors").exists(), overwrite)
     owned.plan()
     cfg1 = load_config(f"{dataset}_stage1", ["compat=authors"])
-    cfg1.backbone.path = str(Path(clip).expanduser())  # set directly: a path is not read as YAML
+    cfg1.backbone.path = str(clip)  # set directly: a path is not read as YAML; a file, folder or name
     backbone = load_backbone(cfg1.backbone)
     spec, weights = backbone.spec, backbone.clip.state_dict()
     classes = class_names_of(dataset)
@@ -243,7 +243,7 @@ def import_official(clip: str | os.PathLike, stage1: str | os.PathLike, dataset:
                        spec.context_length)
 
     with owned.replacing() as folder:
-        imported = _write(folder, cfg1, backbone, classes, s1, s1_path, s2, s2_path, dataset, Path(clip).expanduser())
+        imported = _write(folder, cfg1, backbone, classes, s1, s1_path, s2, s2_path, dataset)
     log.info("imported %s into %s", ", ".join(str(p) for p in (s1_path, s2_path) if p), folder)
     return imported
 
@@ -261,8 +261,9 @@ def _check_buffers(s2: dict[str, torch.Tensor], path: Path, embedding: torch.Ten
 
 
 def _write(folder: Path, cfg1: Any, backbone: Any, classes: list[str], s1: dict[str, torch.Tensor], s1_path: Path,
-           s2: dict[str, torch.Tensor] | None, s2_path: Path | None, dataset: str, clip: Path) -> Imported:
-    sources = {"clip": _source(clip), "stage1": _source(s1_path)}
+           s2: dict[str, torch.Tensor] | None, s2_path: Path | None, dataset: str) -> Imported:
+    clip_source = {k: backbone.record[k] for k in ("path", "sha256", "name") if backbone.record.get(k)}
+    sources = {"clip": clip_source, "stage1": _source(s1_path)}
     model1 = _stage1_model(cfg1, backbone.clip, classes, training=False)
     trained = {n for n in model1.trainable_state_dict()}
     tensors1 = {to_open_clip(k): v.float() for k, v in s1.items() if to_open_clip(k) in trained}

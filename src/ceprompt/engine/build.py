@@ -7,6 +7,7 @@ refuses any link whose architecture, classes or prompt settings do not match.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -20,14 +21,15 @@ from torch import nn
 from ..cat import CATModel
 from ..clip_backbone import ClipSpec, build_clip, get_arch
 from ..clip_files import load_clip
-from ..config import BackboneConfig, Config, config_from_dict
+from ..config import BackboneConfig, Config, config_from_dict, parse_override
 from ..data.transforms import Preprocess, preprocess_for
 from ..errors import CheckpointError, ConfigError
 from ..eva import EVAModel
 from ..head import HeadConfig
+from ..hub import HF_PREFIX, download_model, is_name, resolve_clip
 from ..io_utils import verified_sha256
 from ..trainable import load_trainable
-from .checkpoint import read_checkpoint
+from .checkpoint import non_finite, read_checkpoint, validate_meta
 
 log = logging.getLogger(__name__)
 ACTIVATIONS = {"auto": None, "quickgelu": True, "gelu": False}
@@ -40,21 +42,38 @@ class Backbone:
     record: dict[str, Any]  # how to find these weights again; stored in every checkpoint
 
 
+def locate_clip(value: str) -> tuple[Path, str | None, bool | None]:
+    """(local path, pretrained name or None, QuickGELU hint) for a CLIP file, folder or name."""
+    path = Path(value).expanduser()
+    if path.exists() or not is_name(value):
+        return path, None, None
+    resolved = resolve_clip(value)
+    log.info("CLIP %s: %s", resolved.name, resolved.path)
+    return resolved.path, resolved.name, resolved.quick_gelu
+
+
 def load_backbone(cfg: BackboneConfig, sha256: str | None = None) -> Backbone:
-    """The user's CLIP from ``cfg.path``, or random weights of ``cfg.arch`` (tests, demo).
+    """Random weights of ``cfg.arch`` (tests, benchmarks; ``path`` is then ignored), else the user's CLIP
+    from ``cfg.path``: a file, a folder or a pretrained name (``ViT-B-16``, ``hf-hub:ORG/NAME``).
 
     ``sha256``: the file's hash when the caller has just verified it (not computed again).
     """
-    if cfg.path:
-        path = Path(cfg.path).expanduser()
-        loaded = load_clip(path, quick_gelu=ACTIVATIONS[cfg.activation])
-        record = {"path": str(path.resolve()), "format": loaded.format, "activation": cfg.activation,
-                  "sha256": sha256 or verified_sha256(path)}
-        return Backbone(loaded.model, loaded.spec, record)
-    if not cfg.arch:
-        raise ConfigError("no CLIP weights given: set backbone.path (or pass --clip) to your CLIP file or folder")
-    clip = build_clip(cfg.arch, seed=cfg.seed)
-    return Backbone(clip, get_arch(cfg.arch), {"path": None, "arch": cfg.arch, "seed": cfg.seed})
+    if cfg.arch:
+        clip = build_clip(cfg.arch, seed=cfg.seed)
+        return Backbone(clip, get_arch(cfg.arch), {"path": None, "arch": cfg.arch, "seed": cfg.seed})
+    if not cfg.path:
+        raise ConfigError("no CLIP weights given: set backbone.path (or pass --clip) to your CLIP file, folder or a "
+                          "pretrained name such as ViT-B-16")
+    path, name, quick_gelu = locate_clip(cfg.path)
+    activation = ACTIVATIONS[cfg.activation]
+    loaded = load_clip(path, quick_gelu=quick_gelu if activation is None else activation)
+    # a name's file keeps its snapshot path in the Hugging Face cache (resolving it would give a blob)
+    where = os.path.abspath(path) if name else str(path.resolve())
+    record = {"path": where, "format": loaded.format, "activation": cfg.activation,
+              "sha256": sha256 or verified_sha256(path)}
+    if name:
+        record["name"] = name
+    return Backbone(loaded.model, loaded.spec, record)
 
 
 def resolve_recorded(record: dict[str, Any], checkpoint: Path, what: str) -> tuple[Path, str | None]:
@@ -86,6 +105,9 @@ def resolve_recorded(record: dict[str, Any], checkpoint: Path, what: str) -> tup
 
 
 def backbone_from_record(record: dict[str, Any], checkpoint: Path) -> Backbone:
+    if record.get("path") and record.get("name") and not Path(record["path"]).exists():
+        # a pretrained name (ViT-B-16, hf-hub:...): this machine's Hugging Face cache, not the recorded path
+        record = {**record, "path": str(locate_clip(record["name"])[0]), "relpath": None}
     if record.get("path"):
         path, sha = resolve_recorded(record, checkpoint, "CLIP backbone")
         activation = record.get("activation", "auto")
@@ -223,9 +245,84 @@ class LoadedModel:
     class_names: list[str]
 
 
-def load_trained(checkpoint: str | Path) -> LoadedModel:
-    """A trained CEPrompt model (either stage) ready for inference, on the CPU, in eval mode."""
+HUB_FORMAT = "ceprompt-hub"  # config.json "format" of a folder written by `ceprompt export hub`
+
+
+def is_hub_folder(path: Path) -> bool:
+    if not (path.is_dir() and (path / "config.json").is_file() and (path / "model.safetensors").is_file()):
+        return False
+    try:
+        return json.loads((path / "config.json").read_text()).get("format") == HUB_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def load_hub_folder(folder: Path, overrides: Sequence[str] = ()) -> LoadedModel:
+    """A model from ``ceprompt export hub``: the whole CLIP and the prompt learner in one safetensors file."""
+    from safetensors import safe_open
+
+    where = folder / "config.json"
+    try:
+        meta = json.loads(where.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{where}: unreadable ({exc})") from None
+    validate_meta(meta, str(where))
+    meta = _with_eval_overrides(meta, overrides, str(where))
+    weights = folder / "model.safetensors"
+    try:
+        with safe_open(str(weights), framework="pt", device="cpu") as fh:
+            tensors = {k: fh.get_tensor(k).float() for k in fh.keys()}
+    except Exception as exc:
+        raise CheckpointError(f"{weights}: not a readable safetensors file ({exc})") from None
+    bad = non_finite(tensors)
+    if bad:
+        raise CheckpointError(f"{weights}: holds non-finite weights ({', '.join(bad[:3])})")
+    spec = ClipSpec.from_dict(meta["clip_spec"], where=str(where)).validate(str(where))
+    clip = build_clip(spec)
+    clip_weights = {k[len("clip."):]: v for k, v in tensors.items() if k.startswith("clip.")}
+    result = clip.load_state_dict(clip_weights, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(f"{weights}: CLIP weights do not fit {spec.describe()} (missing "
+                              f"{result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]})")
+    cfg = config_from_dict(meta["config"], where=f"{where} (config)")
+    class_names = list(meta["class_names"])
+    if meta["stage"] == "eva":
+        model: nn.Module = _stage1_model(cfg, clip, class_names, training=False)
+    else:
+        model = _stage2_model(cfg, clip, class_names)
+        load_trainable(model, {k: v for k, v in tensors.items() if k.startswith("prompt_learner.")}, str(weights))
+    return LoadedModel(model.eval(), meta, folder, Preprocess.from_dict(meta["preprocess"]), class_names)
+
+
+# Settings that change how a trained model scores, not what it learned: `eval --set` may override them.
+EVAL_OVERRIDES = ("eva.raw_text_at_eval",)
+
+
+def _with_eval_overrides(meta: dict[str, Any], overrides: Sequence[str], where: str) -> dict[str, Any]:
+    if not overrides:
+        return meta
+    config = json.loads(json.dumps(meta["config"]))
+    for text in overrides:
+        nested = parse_override(text)
+        key = text.split("=", 1)[0].strip()
+        if key not in EVAL_OVERRIDES:
+            raise ConfigError(f"--set {text}: a trained model's {key} cannot change at evaluation; only "
+                              f"{', '.join(EVAL_OVERRIDES)} can")
+        section, name = key.split(".")
+        config[section][name] = nested[section][name]
+    return {**meta, "config": config}
+
+
+def load_trained(checkpoint: str | Path, overrides: Sequence[str] = ()) -> LoadedModel:
+    """A trained CEPrompt model (either stage) ready for inference, on the CPU, in eval mode: a checkpoint,
+    a run directory, an imported or exported folder, or ``hf-hub:ORG/NAME[@REV]``. ``overrides``:
+    ``KEY=VALUE`` for the evaluation-time settings in :data:`EVAL_OVERRIDES`."""
+    if isinstance(checkpoint, str) and checkpoint.startswith(HF_PREFIX):
+        return load_hub_folder(download_model(checkpoint), overrides)
+    if is_hub_folder(Path(checkpoint).expanduser()):
+        return load_hub_folder(Path(checkpoint).expanduser(), overrides)
     tensors, meta, path = read_checkpoint(checkpoint)
+    meta = _with_eval_overrides(meta, overrides, str(path))
     cfg = config_from_dict(meta["config"], where=f"{path} (recorded config)")
     class_names = list(meta["class_names"])
     if meta["stage"] == "eva":

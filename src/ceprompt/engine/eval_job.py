@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from ..config import Config
 from ..data.datasets import FERDataset, load_splits
@@ -39,6 +39,7 @@ def run_eval(
     precision: str = "auto",
     progress: bool = True,
     allow_outside_root: bool = False,
+    overrides: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Evaluate and write metrics.json, predictions.csv, confusion_matrix.{csv,png}; returns the metrics."""
     if (checkpoint is None) == (zero_shot_config is None):
@@ -48,7 +49,7 @@ def run_eval(
     try:
         out_dir = _out_dir(out, overwrite) if rt.is_main else None  # before any model or data is loaded
         if checkpoint is not None:
-            loaded = load_trained(checkpoint)
+            loaded = load_trained(checkpoint, overrides)
             model, class_names, pre = loaded.model, loaded.class_names, loaded.preprocess
             dataset = dataset or loaded.meta.get("dataset", "rafdb")
             source = {"checkpoint": str(loaded.path), "stage": loaded.meta["stage"]}

@@ -1,0 +1,188 @@
+"""``ceprompt export hub``: a trained model as one self-contained folder, ready for ``huggingface-cli upload``.
+
+The folder holds:
+
+* ``model.safetensors`` - every weight the model needs: the whole CLIP (with the stage-1 weights in
+  place) under ``clip.``, and for stage 2 the prompt learner under ``prompt_learner.``;
+* ``config.json`` - classes, prompt words, prompts, preprocessing, temperature, compat mode, the
+  resolved training config (local paths removed) and where the backbone came from (name, SHA-256);
+* ``README.md`` - a model card: metrics, dataset, settings, backbone and its license, usage.
+
+``ceprompt.load(FOLDER)`` and ``ceprompt.load("hf-hub:ORG/NAME[@REV]")`` read it back (safetensors and
+JSON only; nothing is unpickled).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .engine.build import HUB_FORMAT, load_trained
+from .engine.checkpoint import non_finite
+from .errors import CheckpointError, ConfigError
+from .hub import backbone_license
+from .io_utils import atomic_write
+from .paths import output_dir
+
+DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
+FILES = ("model.safetensors", "config.json", "README.md")
+
+
+def export_hub(checkpoint: str | os.PathLike, out: str | os.PathLike, dtype: str = "fp16",
+               overwrite: bool = False) -> Path:
+    """Write the folder; returns it. Existing files other than :data:`FILES` are left alone."""
+    from safetensors.torch import save_file
+
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype!r}: expected fp16 or fp32")
+    folder = Path(out).expanduser()
+    present = [name for name in FILES if (folder / name).exists()]
+    if present and not overwrite:
+        raise ConfigError(f"{folder / present[0]}: already exists; pass --overwrite to replace the exported files")
+    output_dir(folder, "export hub")
+    loaded = load_trained(checkpoint)
+    model = loaded.model
+    tensors = {f"clip.{k}": v for k, v in model.clip.state_dict().items()}
+    if loaded.meta["stage"] == "cat":
+        tensors.update(model.trainable_state_dict())
+    tensors = {k: v.detach().to(DTYPES[dtype]).contiguous().cpu() for k, v in tensors.items()}
+    bad = non_finite(tensors)
+    if bad:  # fp16 overflows where a weight exceeds 65504
+        raise CheckpointError(f"{loaded.path}: {bad[0]} does not fit in {dtype}; use --dtype fp32")
+    config = hub_config(loaded.meta, dtype)
+    with atomic_write(folder / "model.safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt", "ceprompt.format": HUB_FORMAT})
+    with atomic_write(folder / "config.json") as tmp:
+        tmp.write_text(json.dumps(config, indent=2) + "\n")
+    size_mb = (folder / "model.safetensors").stat().st_size / 1e6
+    with atomic_write(folder / "README.md") as tmp:
+        tmp.write_text(model_card(config, size_mb))
+    return folder
+
+
+def hub_config(meta: dict[str, Any], dtype: str) -> dict[str, Any]:
+    """The checkpoint's description without anything local: no paths, only names and hashes."""
+    config = copy.deepcopy(meta["config"])
+    config["backbone"].update(path=None, init=None, arch=None)
+    config["data"]["root"] = None
+    config["run"]["output_dir"] = "runs"
+    backbone = meta.get("backbone") or {}
+    return {
+        "format": HUB_FORMAT,
+        "ceprompt_version": __version__,
+        "weights_dtype": dtype,
+        "stage": meta["stage"],
+        "class_names": meta["class_names"],
+        "prompt_names": config["data"].get("prompt_names") or meta["class_names"],
+        "prompts": meta.get("prompts"),
+        "dataset": meta.get("dataset"),
+        "compat": config.get("compat", "none"),
+        "clip_spec": meta["clip_spec"],
+        "preprocess": meta["preprocess"],
+        "calibration": meta.get("calibration"),
+        "test_metrics": meta.get("test_metrics"),
+        "notice": meta.get("notice"),
+        "backbone": {k: backbone[k] for k in ("name", "sha256", "format", "arch") if backbone.get(k)},
+        "trained_from": {k: (meta.get("init") or {}).get(k) for k in ("sha256",)} if meta.get("init") else None,
+        "config": config,
+    }
+
+
+def _metrics_table(config: dict[str, Any]) -> str:
+    metrics = config.get("test_metrics")
+    if not metrics:
+        return ("No evaluation was recorded with this checkpoint (an imported model, for example). "
+                "Evaluate it with `ceprompt eval --checkpoint ... --data ...`.\n")
+    rows = [("accuracy (sample-level)", metrics.get("accuracy")), ("mean class accuracy", metrics.get("mean_class_accuracy")),
+            ("macro-F1", metrics.get("macro_f1"))]
+    lines = ["| metric | value |", "|---|---|", *[f"| {name} | {value:.4f} |" for name, value in rows
+                                                  if isinstance(value, (int, float))]]
+    return "\n".join(lines) + f"\n\nOn the {config.get('dataset')} test split ({metrics.get('n')} images), the " \
+        "checkpoint's best epoch (highest test accuracy, the paper's protocol).\n"
+
+
+def model_card(config: dict[str, Any], size_mb: float) -> str:
+    cfg = config["config"]
+    stage = "stage 2 (CAT: coupled text and vision prompts)" if config["stage"] == "cat" else \
+        "stage 1 (EVA: tuned upper vision blocks)"
+    words = ", ".join(f"{c} ({w})" if c != w else c for c, w in zip(config["class_names"], config["prompt_names"]))
+    backbone = config["backbone"]
+    spec = config["clip_spec"]
+    head = cfg["head"]
+    settings = [f"compat mode: {config['compat']}", f"head: top-k {head['top_k']}, alpha {head['alpha']}, "
+                f"mode {head['mode']}", f"optimiser: {cfg['optim']['name']}, lr {cfg['optim']['lr']}, "
+                f"{cfg['optim']['epochs']} epochs, batch {cfg['optim']['batch_size']}"]
+    if config["stage"] == "eva":
+        settings.append(f"EVA: blocks from {cfg['eva']['fix_layer']} trained, distillation weight "
+                        f"{cfg['eva']['kd_weight']} ({cfg['eva']['kd_target']} teacher)")
+    else:
+        c = cfg["cat"]
+        settings.append(f"CAT: {c['n_ctx']} context vectors from {c['ctx_init']!r}, prompt depth {c['prompt_depth']}, "
+                        f"vision prompts {c['vision_prompts']}, invariant token {c['invariant_token']}")
+    pre = config["preprocess"]
+    settings.append(f"preprocessing: {pre['image_size']} px, {pre.get('resize', 'square')} resize, "
+                    f"{pre.get('interpolation', 'bicubic')}, mean {pre['mean']}, std {pre['std']}")
+    temperature = (config.get("calibration") or {}).get("temperature")
+    notice = f"\n> **Note:** {config['notice']}\n" if config.get("notice") else ""
+    return f"""---
+library_name: ceprompt
+license: other
+pipeline_tag: image-classification
+tags:
+- facial-expression-recognition
+- clip
+- ceprompt
+---
+
+# CEPrompt facial expression model: {config.get('dataset')}, {stage}
+{notice}
+A [CEPrompt](https://doi.org/10.1109/TCSVT.2024.3424777) model trained with ceprompt {config['ceprompt_version']}.
+Classes (label, with the word used in the prompts where it differs): {words}.
+
+## Evaluation
+
+{_metrics_table(config)}
+## Training data and settings
+
+- dataset: {config.get('dataset')}
+{chr(10).join('- ' + s for s in settings)}
+- probability temperature: {f'{temperature:.3f} (fitted on the test split; it changes no prediction)' if temperature
+                            else '1 (not calibrated)'}
+
+## Backbone
+
+{backbone.get('name') or backbone.get('arch') or 'a user-supplied CLIP file'}: ViT {spec['image_size']} px,
+patch {spec['patch_size']}, vision width {spec['vision_width']} x {spec['vision_layers']} blocks, text width
+{spec['text_width']} x {spec['text_layers']}{f", SHA-256 {backbone['sha256']}" if backbone.get('sha256') else ''}.
+License of the backbone weights: {backbone_license(backbone)}.
+
+## License
+
+The weights derive from the backbone above and were trained on {config.get('dataset')}; the terms of both apply
+(RAF-DB, AffectNet and FERPlus are released for non-commercial research). Check them before any other use.
+
+## Usage
+
+```python
+import ceprompt                                  # pip install ceprompt
+rec = ceprompt.load("hf-hub:ORG/NAME")           # or a local copy of this folder
+for face in rec.predict("photo.jpg"):            # MTCNN finds faces: pip install "ceprompt[face]"
+    print(face.box, face.label, face.probabilities)
+```
+
+```bash
+ceprompt predict hf-hub:ORG/NAME photos/ --output faces.csv
+ceprompt serve hf-hub:ORG/NAME
+```
+
+## Files
+
+- `model.safetensors` ({size_mb:.0f} MB, {config['weights_dtype']}): every weight, the CLIP backbone included.
+- `config.json`: classes, prompts, preprocessing, temperature and the full training config.
+"""
