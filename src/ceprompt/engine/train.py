@@ -33,10 +33,10 @@ from ..data.transforms import test_transform, train_augment
 from ..errors import CepromptError, ConfigError, DataError, TrainingError
 from ..eva import EVAModel
 from ..io_utils import atomic_write
+from ..metrics import fit_temperature
 from ..owned_dirs import MARKER, DirLock, OwnedDir
 from ..paths import escapes
 from ..threads import ThreadGovernor
-from ..metrics import fit_temperature
 from ..trainable import load_trainable
 from .build import BuiltModel, build_for_training, checkpoint_meta, preprocess_from_config
 from .checkpoint import RESUME_NAME, load_resume, read_checkpoint, save_checkpoint, save_resume
