@@ -13,6 +13,7 @@ import base64
 import io
 import logging
 import threading
+import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -152,7 +153,9 @@ def serve(checkpoint: str | None, host: str = "127.0.0.1", port: int = 8000, max
         raise CepromptError("the web app needs FastAPI and uvicorn: pip install 'ceprompt[serve]'") from None
     from ..api import load
 
-    rec = load(resolve_checkpoint(checkpoint), device=device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the model's notice is logged below, once
+        rec = load(resolve_checkpoint(checkpoint), device=device)
     app = guarded(create_app(rec, max_upload_bytes), host, max_upload_bytes, allow_origins, allow_hosts)
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s: anyone who can reach this machine can use the model", host)
