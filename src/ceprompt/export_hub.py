@@ -89,7 +89,7 @@ def hub_config(meta: dict[str, Any], dtype: str) -> dict[str, Any]:
         "test_metrics": meta.get("test_metrics"),
         "notice": meta.get("notice"),
         "backbone": {k: backbone[k] for k in ("name", "sha256", "format", "arch") if backbone.get(k)},
-        "trained_from": {k: (meta.get("init") or {}).get(k) for k in ("sha256",)} if meta.get("init") else None,
+        "trained_from": {"sha256": meta["init"].get("sha256")} if meta.get("init") else None,
         "config": config,
     }
 

@@ -18,7 +18,6 @@ import os
 import stat
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import BinaryIO, Iterator
 
 import numpy as np
@@ -47,10 +46,7 @@ def max_pixels() -> int:
     raw = os.environ.get(_ENV)
     if not raw:
         return DEFAULT_MAX_PIXELS
-    try:
-        return check(_ENV, int(raw), POSITIVE_INT)
-    except ValueError:
-        return check(_ENV, raw, POSITIVE_INT)
+    return check(_ENV, int(raw) if raw.strip().isdigit() else raw, POSITIVE_INT)  # check() names a bad value
 
 
 def set_max_pixels(limit: int | None) -> None:
@@ -194,10 +190,6 @@ def probe_image(path: str | os.PathLike, full: bool = False) -> ImageInfo:
     except _DECODE_ERRORS as exc:
         return ImageInfo(f"unreadable image ({_reason(exc)})")
     return ImageInfo(None, mode, size)
-
-
-def is_image_name(path: str | Path) -> bool:
-    return Path(path).suffix.lower() in IMAGE_SUFFIXES
 
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"})

@@ -28,7 +28,7 @@ from .config import AUTHORS_PROMPT_NAMES, load_config
 from .data.datasets import class_names_of
 from .engine.build import (BuiltModel, _load_stage1_into, _stage1_model, _stage2_model, checkpoint_meta,
                            load_backbone, preprocess_from_config)
-from .engine.checkpoint import save_checkpoint
+from .engine.checkpoint import read_checkpoint, save_checkpoint
 from .errors import CheckpointError, ConfigError
 from .io_utils import verified_sha256
 from .owned_dirs import OwnedDir
@@ -282,7 +282,7 @@ def _write(folder: Path, cfg1: Any, backbone: Any, classes: list[str], s1: dict[
                                                  f"cat.invariant_token={str(invariant).lower()}"])
         cfg2.backbone.init = str(stage1_out)
         fresh = load_backbone(cfg1.backbone, sha256=backbone.record["sha256"])
-        init = _load_stage1_into(fresh, stage1_out)
+        init = _load_stage1_into(fresh, read_checkpoint(stage1_out))
         model2 = _stage2_model(cfg2, fresh.clip, classes)
         tensors2 = {}
         for key, value in s2.items():

@@ -36,6 +36,18 @@ except ImportError:  # Windows: no advisory locks; a second writer is not detect
     fcntl = None  # type: ignore[assignment]
 
 
+def _holder(fh) -> str | None:  # type: ignore[no-untyped-def]
+    """Take the exclusive lock on an open lock file; None when taken, else the holder's recorded PID."""
+    if fcntl is None:
+        return None
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.seek(0)
+        return fh.read().strip() or "unknown"
+    return None
+
+
 class DirLock:
     """An exclusive, non-blocking lock on a folder, released when closed or when the process ends."""
 
@@ -46,15 +58,11 @@ class DirLock:
     def acquire(self) -> "DirLock":
         path = self.folder / LOCK
         fh = open(path, "a+")
-        if fcntl is not None:
-            try:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                fh.seek(0)
-                holder = fh.read().strip() or "unknown"
-                fh.close()
-                raise ConfigError(f"{self.folder}: in use by another ceprompt process (PID {holder}); wait for it "
-                                  "to finish or stop it first") from None
+        holder = _holder(fh)
+        if holder is not None:
+            fh.close()
+            raise ConfigError(f"{self.folder}: in use by another ceprompt process (PID {holder}); wait for it "
+                              "to finish or stop it first")
         fh.seek(0)
         fh.truncate()
         fh.write(f"{os.getpid()}\n")
@@ -70,16 +78,10 @@ class DirLock:
 
 def is_locked(folder: Path) -> str | None:
     """The PID holding ``folder``'s lock, or None when nobody does."""
-    if fcntl is None or not (folder / LOCK).is_file():
+    if not (folder / LOCK).is_file():
         return None
-    with open(folder / LOCK, "a+") as fh:
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            fh.seek(0)
-            return fh.read().strip() or "unknown"
-        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-    return None
+    with open(folder / LOCK, "a+") as fh:  # closing the file releases a lock taken here
+        return _holder(fh)
 
 
 def is_owned(folder: Path) -> bool:

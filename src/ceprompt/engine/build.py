@@ -7,6 +7,7 @@ refuses any link whose architecture, classes or prompt settings do not match.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -152,8 +153,12 @@ def _stage2_model(cfg: Config, clip: CLIP, class_names: Sequence[str]) -> CATMod
     )
 
 
-def _load_stage1_into(backbone: Backbone, init: str | Path, sha256: str | None = None) -> dict[str, Any]:
-    tensors, meta, path = read_checkpoint(init)
+Checkpoint = tuple[dict[str, torch.Tensor], dict[str, Any], Path]  # what read_checkpoint returns
+
+
+def _load_stage1_into(backbone: Backbone, stage1: Checkpoint, sha256: str | None = None) -> dict[str, Any]:
+    """Overlay a stage-1 checkpoint (already read) on ``backbone``; returns the record a stage-2 checkpoint keeps."""
+    tensors, meta, path = stage1
     if meta.get("stage") != "eva":
         raise CheckpointError(f"{path}: backbone.init must be a stage-1 (eva) checkpoint, this is {meta.get('stage')!r}")
     check_spec(backbone.spec, meta["clip_spec"], str(path))
@@ -179,7 +184,8 @@ def build_for_training(cfg: Config, class_names: Sequence[str]) -> BuiltModel:
                           backbone.record, None)
     if not cfg.backbone.init:
         raise CheckpointError("stage 2 (cat) needs the stage-1 checkpoint: pass --init or set backbone.init")
-    _, init_meta, init_path = read_checkpoint(cfg.backbone.init)
+    stage1 = read_checkpoint(cfg.backbone.init)
+    _, init_meta, init_path = stage1
     if cfg.backbone.path:
         backbone = load_backbone(cfg.backbone)
         recorded = init_meta["backbone"].get("sha256")
@@ -189,7 +195,7 @@ def build_for_training(cfg: Config, class_names: Sequence[str]) -> BuiltModel:
                                   "the stage-1 backbone: leave backbone.path unset")
     else:
         backbone = backbone_from_record(init_meta["backbone"], init_path)
-    init = _load_stage1_into(backbone, init_path)
+    init = _load_stage1_into(backbone, stage1)
     if list(init["class_names"]) != list(class_names):
         log.warning("stage-1 checkpoint was trained for classes %s; stage 2 uses %s", init["class_names"], class_names)
     return BuiltModel(_stage2_model(cfg, backbone.clip, class_names), backbone.spec, backbone.record, init)
@@ -301,7 +307,7 @@ EVAL_OVERRIDES = ("eva.raw_text_at_eval",)
 def _with_eval_overrides(meta: dict[str, Any], overrides: Sequence[str], where: str) -> dict[str, Any]:
     if not overrides:
         return meta
-    config = json.loads(json.dumps(meta["config"]))
+    config = copy.deepcopy(meta["config"])
     for text in overrides:
         nested = parse_override(text)
         key = text.split("=", 1)[0].strip()
@@ -335,10 +341,10 @@ def load_trained(checkpoint: str | Path, overrides: Sequence[str] = ()) -> Loade
         if not isinstance(init, dict):
             raise CheckpointError(f"{path}: a stage-2 checkpoint without its stage-1 record (description field init)")
         init_path, init_sha = resolve_recorded(init, path, "stage-1 checkpoint")
-        _, init_meta, init_path = read_checkpoint(init_path)
-        backbone = backbone_from_record(init_meta["backbone"], init_path)
+        stage1 = read_checkpoint(init_path)
+        backbone = backbone_from_record(stage1[1]["backbone"], stage1[2])
         check_spec(backbone.spec, meta["clip_spec"], str(path))
-        _load_stage1_into(backbone, init_path, init_sha)
+        _load_stage1_into(backbone, stage1, init_sha)
         model = _stage2_model(cfg, backbone.clip, class_names)
         load_trainable(model, tensors, str(path))
     pre = Preprocess.from_dict(meta["preprocess"])
