@@ -1,23 +1,28 @@
-"""Throughput and memory of ceprompt's hot paths, and of the same steps done the naive way.
+"""Throughput and memory of ceprompt's hot paths, as ratios: against the bare open_clip image tower, bf16
+against fp32, photos against face crops, the trainer against its own step, and against the naive loop of the
+reference code.
 
-    python benchmarks/speed.py [--archs ViT-B-16 tiny-vit] [--batch 16] [--steps 2] [--device cpu]
-                               [--out benchmarks/results/speed.json] [--no-memory]
+    python benchmarks/speed.py [--archs tiny-vit ViT-B-16] [--batch 16] [--steps 2] [--device cpu]
+                               [--busy] [--compile] [--no-trainer] [--no-memory] [--out FILE]
+    python benchmarks/speed.py --gpu    # on a CUDA machine: the GPU table, under 8 minutes on one GPU
 
-Models have random weights of the named shape (nothing is downloaded). Measured, for each model:
+Models have random weights of the named shape (nothing is downloaded). For each model:
 
-* the ViT forward (plain open_clip ``encode_image``) in fp32 and under bf16 autocast;
-* a stage-1 training step: ceprompt (lower blocks shared by student and teacher, class text
-  embeddings cached, teacher embeddings cached per flip view) against the naive loop the reference
-  code runs (the teacher runs its own full forward, the class text embeddings are recomputed every
-  step, fp32 only);
-* a stage-2 training step;
-* evaluation of both stages: ceprompt (text embeddings once per pass) against the naive loop
-  (recomputed every batch, fp32);
-* prediction on face crops and, with MTCNN face detection, on 512 px photographs;
-* peak memory of a stage-1 step at batch 32 with and without activation checkpointing (each in
-  its own process, the process's peak resident set).
+* the bare tower: open_clip's ``encode_image``, fp32 and bf16 autocast, at the batch size and at 1;
+* training steps of both stages (stage 1 with the teacher cache warm and cold) and the naive stage-1 loop
+  (teacher as a separate CLIP, text recomputed every step, fp32);
+* evaluation of both stages against the naive loop (text recomputed every batch);
+* ``Recognizer.predict_batch`` on face crops, the web API on one crop per request (batch 1), both against
+  the bare tower at the same precision and batch;
+* a 12 MP phone photo with one face: the whole ``predict`` against its decode plus the model on one crop,
+  and against MTCNN on the full image (ceprompt 0.2's detection);
+* the trainer (``ceprompt train`` in a subprocess, generated faces, two epochs; epoch 2's img/s) in fp32 and
+  bf16, against the bf16 gain of the bare step; with ``--gpu`` under torchrun (one process, NCCL);
+* with ``--compile``, the training steps with ``run.compile`` on and off (a fresh process each);
+* the peak memory of a stage-1 step with and without activation checkpointing.
 
-Prints every number and the ratios, and writes them as JSON.
+``--busy`` keeps one core busy with another process for the whole run (a shared machine). Prints every
+number, a table of ratios, and writes JSON with the machine's CPU flags to ``benchmarks/results/``.
 """
 
 from __future__ import annotations
@@ -26,76 +31,55 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from ceprompt.cat import CATModel
-from ceprompt.clip_backbone import build_clip, get_arch, tokenize
+from bench_common import (CLASSES, PRECISIONS, ROOT, autocast, batch_for, head_for, peak_memory_gib,
+                          peak_memory_reset, stage1_model, stage2_model, throughput)
+from ceprompt.clip_backbone import build_clip, tokenize
+from ceprompt.engine.runtime import auto_precision
 from ceprompt.eva import EVAModel
-from ceprompt.head import HeadConfig, emotion_scores
+from ceprompt.head import emotion_scores
 from ceprompt.prompts import DEFAULT_TEMPLATE, class_prompts
 from ceprompt.towers import run_blocks, vision_embed, vision_project
 
-CLASSES = ["surprise", "fear", "disgust", "happy", "sad", "anger", "neutral"]
-DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
 
-
-def autocast(device: str, precision: str):
-    dtype = DTYPES[precision]
-    return torch.autocast(device, dtype=dtype, enabled=dtype is not None)
-
-
-def throughput(fn: Callable[[], None], images_per_call: int, calls: int, warmup: int = 1) -> float:
-    """Images per second of the median call (this machine's speed drifts; the median resists it)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(max(calls, 1)):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return images_per_call / statistics.median(times)
-
-
-def head_for(arch: str) -> HeadConfig:
-    spec = get_arch(arch)
-    return HeadConfig(top_k=min(16, spec.num_patches))
-
-
-def batch_for(arch: str, n: int, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    size = get_arch(arch).image_size
-    g = torch.Generator().manual_seed(0)
-    images = torch.randn(n, 3, size, size, generator=g).to(device)
-    labels = torch.randint(0, len(CLASSES), (n,), generator=g).to(device)
-    views = torch.arange(n, device=device) * 2  # each image its own repeatable view
-    return images, labels, views
-
-
-def forward_speed(arch: str, n: int, steps: int, device: str) -> dict[str, float]:
+def bare_tower(arch: str, n: int, steps: int, device: str) -> dict[str, float]:
+    """open_clip's own ``encode_image`` (weights trainable, as open_clip builds them)."""
     clip = build_clip(arch, seed=0).to(device).eval()
-    images, _, _ = batch_for(arch, n, device)
     out = {}
-    for precision in ("fp32", "bf16"):
-        def run() -> None:
-            with torch.no_grad(), autocast(device, precision):
-                clip.encode_image(images)
-        out[precision] = throughput(run, n, steps)
+    for batch in (n, 1):
+        images = batch_for(arch, batch, device)[0]
+        for precision in PRECISIONS:
+            def run() -> None:
+                with torch.no_grad(), autocast(device, precision):
+                    clip.encode_image(images)
+            name = precision if batch == n else f"{precision} batch 1"
+            out[name] = throughput(run, batch, steps if batch > 1 else 3 * steps, device)
     return out
 
 
-def stage1_ours(arch: str, n: int, steps: int, device: str, precision: str, teacher_cache: bool) -> float:
-    model = EVAModel(build_clip(arch, seed=0), CLASSES, head=head_for(arch)).to(device).train()
+def train_step(stage: str, arch: str, n: int, steps: int, device: str, precision: str, teacher_cache: bool = True,
+               compiled: bool = False) -> tuple[float, float | None]:
+    """(img/s, peak GPU memory in GiB or None) of an optimiser step, set up as the trainer sets it up."""
+    if stage == "stage-1":
+        model = stage1_model(arch, device).train()
+        if teacher_cache:
+            model.enable_teacher_cache(2 * n)
+        opt = torch.optim.AdamW(model.param_groups(1e-5, 5e-4, 0.65), lr=1e-5, fused=True)
+    else:
+        model = stage2_model(arch, device).train()
+        opt = torch.optim.SGD(model.prompt_learner.parameters(), lr=2e-3, momentum=0.9)
+    if compiled:
+        from ceprompt.engine.train import compile_blocks
+        compile_blocks(model)
     images, labels, views = batch_for(arch, n, device)
-    if teacher_cache:
-        model.enable_teacher_cache(2 * n)
-    opt = torch.optim.AdamW(model.param_groups(1e-5, 5e-4, 0.65), lr=1e-5, fused=True)  # as the trainer
 
     def step() -> None:
         with autocast(device, precision):
@@ -103,10 +87,13 @@ def stage1_ours(arch: str, n: int, steps: int, device: str, precision: str, teac
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         opt.step()
-    return throughput(step, n, steps)
+    step()  # compiles, fills the teacher cache
+    peak_memory_reset(device)
+    rate = throughput(step, n, steps, device)
+    return rate, peak_memory_gib(device)
 
 
-def stage1_naive(arch: str, n: int, steps: int, device: str) -> float:
+def naive_stage1_step(arch: str, n: int, steps: int, device: str) -> float:
     """The reference's loop: everything recomputed, teacher as a separate full CLIP, fp32."""
     student = build_clip(arch, seed=0).to(device).train()
     teacher = build_clip(arch, seed=0).to(device).eval()
@@ -133,26 +120,7 @@ def stage1_naive(arch: str, n: int, steps: int, device: str) -> float:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    return throughput(step, n, steps)
-
-
-def stage2_model(arch: str, device: str) -> CATModel:
-    depth = min(9, get_arch(arch).vision_layers, get_arch(arch).text_layers)
-    return CATModel(build_clip(arch, seed=0), CLASSES, head=head_for(arch), prompt_depth=depth).to(device)
-
-
-def stage2_train(arch: str, n: int, steps: int, device: str, precision: str) -> float:
-    model = stage2_model(arch, device).train()
-    images, labels, _ = batch_for(arch, n, device)
-    opt = torch.optim.SGD(model.prompt_learner.parameters(), lr=2e-3, momentum=0.9)
-
-    def step() -> None:
-        with autocast(device, precision):
-            out = model(images, labels)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        opt.step()
-    return throughput(step, n, steps)
+    return throughput(step, n, steps, device)
 
 
 def naive_text_features(model: torch.nn.Module) -> torch.Tensor:
@@ -169,36 +137,18 @@ def naive_text_features(model: torch.nn.Module) -> torch.Tensor:
 
 
 def evaluation(model: torch.nn.Module, arch: str, n: int, passes: int, device: str, precision: str,
-               naive: bool) -> float:
+               naive: bool = False) -> float:
     """A pass over 4 batches, timed ``passes`` times. ceprompt encodes the class text once per pass
     (stage 1: once per run, cached); the naive loop encodes it in full for every batch."""
     model = model.eval()
-    images, _, _ = batch_for(arch, n, device)
+    images = batch_for(arch, n, device)[0]
 
     def one_pass() -> None:
         with torch.no_grad(), autocast(device, precision):
             text = None if naive else model.class_text_features()
             for _ in range(4):
                 model(images, text_features=naive_text_features(model) if naive else text)
-    return throughput(one_pass, n * 4, passes, warmup=0)
-
-
-def prediction(arch: str, n: int, device: str, photos: list) -> dict[str, float]:
-    from ceprompt.api import Recognizer
-    from ceprompt.data.transforms import preprocess_for
-    from ceprompt.engine.build import LoadedModel
-
-    model = EVAModel(build_clip(arch, seed=0), CLASSES, head=head_for(arch), kd_weight=0.0)
-    pre = preprocess_for(get_arch(arch).image_size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-    rec = Recognizer(LoadedModel(model, {}, Path("random"), pre, CLASSES), device=device, precision="auto")
-    size = get_arch(arch).image_size
-    crops = [p.resize((size, size)) for p in (photos * n)[:n]]
-    out = {"crops, --detect none": throughput(lambda: rec.predict_batch(crops, detect="none", batch_size=n), n, 1)}
-    try:
-        out["512 px photos, MTCNN"] = throughput(lambda: rec.predict_batch(photos, detect="mtcnn"), len(photos), 1)
-    except Exception as exc:  # facenet-pytorch not installed
-        out["512 px photos, MTCNN"] = f"skipped ({str(exc).splitlines()[0][:80]})"
-    return out
+    return throughput(one_pass, n * 4, passes, device, warmup=1)
 
 
 def resident_mib(field: str) -> float:
@@ -223,64 +173,124 @@ def memory_case(arch: str, n: int, checkpointing: bool) -> dict[str, float]:
     return {"rss_before_step_mib": round(before), "peak_rss_mib": round(peak), "step_mib": round(peak - before)}
 
 
+def child(*args: str) -> dict:
+    """Run one case of this script in a fresh process (its own memory peak, its own compile caches)."""
+    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def measure_memory(arch: str, n: int) -> dict[str, dict]:
-    out = {}
-    for checkpointing in (False, True):
-        cmd = [sys.executable, __file__, "--memory-case", arch, str(n), str(int(checkpointing))]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        out["activation checkpointing" if checkpointing else "plain"] = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = {name: child("--memory-case", arch, str(n), str(int(ckpt)))
+           for name, ckpt in (("plain", False), ("activation checkpointing", True))}
     plain, ckpt = out["plain"], out["activation checkpointing"]
     out["peak reduction"] = round(1 - ckpt["peak_rss_mib"] / plain["peak_rss_mib"], 3)
-    out["step memory reduction"] = round(1 - ckpt["step_mib"] / plain["step_mib"], 3)
     return out
 
 
-def photos() -> list:
-    from PIL import Image
-
+def machine(device: str, busy: bool) -> dict:
+    flags: set[str] = set()
+    model = platform.processor() or platform.machine()
     try:
-        from skimage import data
-        return [Image.fromarray(data.astronaut()), Image.fromarray(data.chelsea()).resize((512, 512))]
-    except ImportError:
-        return [Image.new("RGB", (512, 512), (120, 100, 90))]
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+            elif line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    chosen, why = auto_precision(torch.device(device))
+    info = {"cpu": model, "cpu_flags": [f for f in CPU_FLAGS if f in flags], "cpus": os.cpu_count(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "device": device,
+            "precision_auto": f"{chosen} ({why})", "busy_neighbour": busy}
+    if torch.device(device).type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
 
 
-def run_arch(arch: str, n: int, steps: int, device: str, memory: bool) -> dict:
+def run_arch(arch: str, n: int, steps: int, device: str, args: argparse.Namespace) -> dict:
+    import speed_verbs as verbs
+
     r: dict = {}
 
     def show(name: str, value) -> None:
         r[name] = value
-        text = json.dumps(value) if isinstance(value, dict) else f"{value:.2f}"
-        print(f"  {name:46s} {text}", flush=True)
+        text = json.dumps(value, default=lambda v: round(v, 3)) if isinstance(value, dict) else f"{value:.3f}"
+        print(f"  {name:44s} {text}", flush=True)
 
     print(f"{arch} (batch {n}, {steps} timed steps, {device}, {torch.get_num_threads()} threads)", flush=True)
-    fwd = forward_speed(arch, n, steps, device)
-    show("ViT forward img/s (fp32, bf16)", fwd)
-    show("ViT forward bf16/fp32", fwd["bf16"] / fwd["fp32"])
-    s1 = {"ours fp32": stage1_ours(arch, n, steps, device, "fp32", True),
-          "ours fp32, no teacher cache": stage1_ours(arch, n, steps, device, "fp32", False),
-          "ours bf16": stage1_ours(arch, n, steps, device, "bf16", True),
-          "naive fp32": stage1_naive(arch, n, steps, device)}
-    show("stage-1 training img/s", s1)
-    show("stage-1 ours/naive at fp32", s1["ours fp32"] / s1["naive fp32"])
-    show("stage-1 ours/naive at fp32, no teacher cache", s1["ours fp32, no teacher cache"] / s1["naive fp32"])
-    show("stage-1 ours bf16 / naive fp32", s1["ours bf16"] / s1["naive fp32"])
-    s2 = {p: stage2_train(arch, n, steps, device, p) for p in ("fp32", "bf16")}
-    show("stage-2 training img/s", s2)
-    for stage, build in (("stage-1", lambda: EVAModel(build_clip(arch, seed=0), CLASSES, head=head_for(arch),
-                                                       kd_weight=0.0).to(device)),
+    show("bare tower img/s", bare_tower(arch, n, steps, device))
+    for stage in ("stage-1", "stage-2"):
+        show(f"{stage} step img/s", {p: train_step(stage, arch, n, steps, device, p)[0] for p in PRECISIONS})
+        if device.startswith("cuda"):
+            show(f"{stage} step peak GiB (bf16)", {"bf16": train_step(stage, arch, n, 1, device, "bf16")[1]})
+    show("stage-1 step img/s, teacher cache cold", {"fp32": train_step("stage-1", arch, n, steps, device, "fp32",
+                                                                        teacher_cache=False)[0]})
+    show("naive stage-1 step img/s", {"fp32": naive_stage1_step(arch, n, steps, device)})
+    for stage, build in (("stage-1", lambda: stage1_model(arch, device, kd_weight=0.0)),
                          ("stage-2", lambda: stage2_model(arch, device))):
         model = build()
-        ev = {"ours fp32": evaluation(model, arch, n, steps, device, "fp32", naive=False),
-              "ours bf16": evaluation(model, arch, n, steps, device, "bf16", naive=False),
-              "naive fp32": evaluation(model, arch, n, steps, device, "fp32", naive=True)}
-        show(f"{stage} evaluation img/s", ev)
-        show(f"{stage} evaluation ours bf16 / naive", ev["ours bf16"] / ev["naive fp32"])
-        show(f"{stage} evaluation ours / naive at fp32", ev["ours fp32"] / ev["naive fp32"])
-    show("predict img/s (precision auto)", prediction(arch, n, device, photos()))
-    if memory and device == "cpu":
+        show(f"{stage} eval img/s", {p: evaluation(model, arch, n, steps, device, p) for p in PRECISIONS})
+        show(f"naive {stage} eval img/s", {"fp32": evaluation(model, arch, n, steps, device, "fp32", naive=True)})
+        show(f"{stage} predict img/s", {p: verbs.predict_crops(model, arch, n, device, p) for p in PRECISIONS})
+        if stage == "stage-2":
+            show("stage-2 serve img/s (batch 1)", {p: verbs.serve_requests(model, arch, device, p, steps)
+                                                   for p in PRECISIONS})
+            show("12 MP photo, one face", verbs.phone_photo(model, arch, device))
+            show("512 px photos, MTCNN img/s", verbs.small_photos(model, arch, device))
+    slow_cases = ("bf16",) if args.gpu else PRECISIONS  # the GPU table must fit in 8 minutes
+    if args.trainer:
+        show("trainer epoch-2 img/s", verbs.trainer_epochs(arch, n if args.gpu else min(n, 14), device, slow_cases,
+                                                           torchrun=args.torchrun))
+    if args.compile:
+        cases = {}
+        for stage in ("stage-1", "stage-2"):
+            for p in slow_cases:
+                for c in (False, True):
+                    case = child("--step-case", stage, arch, str(n), str(steps), device, p, str(int(c)))
+                    cases[f"{stage} {p} {'compiled' if c else 'eager'}"] = case
+        show("step img/s (peak GiB), run.compile", cases)
+    if args.memory and device == "cpu":
         show("stage-1 step memory, batch 32", measure_memory(arch, 32))
+    r["ratios"] = ratios(r)
     return r
+
+
+def ratios(r: dict) -> dict[str, float]:
+    """The figures the README quotes, each a ratio of two measurements of this run."""
+    bare = r["bare tower img/s"]
+    out: dict[str, float] = {"bare tower bf16/fp32": bare["bf16"] / bare["fp32"]}
+    for stage in ("stage-1", "stage-2"):
+        step, ev, pr = r[f"{stage} step img/s"], r[f"{stage} eval img/s"], r[f"{stage} predict img/s"]
+        out[f"{stage} step bf16/fp32"] = step["bf16"] / step["fp32"]
+        out[f"{stage} eval bf16/fp32"] = ev["bf16"] / ev["fp32"]
+        for p in PRECISIONS:
+            out[f"{stage} eval / bare tower ({p})"] = ev[p] / bare[p]
+            out[f"{stage} predict / bare tower ({p})"] = pr[p] / bare[p]
+        out[f"{stage} eval ours/naive (fp32)"] = ev["fp32"] / r[f"naive {stage} eval img/s"]["fp32"]
+    out["stage-1 step ours/naive (fp32)"] = r["stage-1 step img/s"]["fp32"] / r["naive stage-1 step img/s"]["fp32"]
+    out["stage-1 step ours bf16 / naive fp32"] = r["stage-1 step img/s"]["bf16"] / r["naive stage-1 step img/s"]["fp32"]
+    serve = r["stage-2 serve img/s (batch 1)"]
+    for p in PRECISIONS:
+        out[f"serve / bare tower at batch 1 ({p})"] = serve[p] / bare[f"{p} batch 1"]
+    photo = r["12 MP photo, one face"]
+    out["12 MP photo / (decode + one face)"] = photo["predict s"] / (photo["decode s"] + photo["one face s"])
+    out["12 MP photo detection, 0.2 / now"] = photo["full-image MTCNN s"] / photo["detect s"]
+    trainer = r.get("trainer epoch-2 img/s", {})
+    compiled = r.get("step img/s (peak GiB), run.compile", {})
+    for stage in ("stage-1", "stage-2"):
+        if f"{stage} fp32" in trainer:
+            gain = trainer[f"{stage} bf16"] / trainer[f"{stage} fp32"]
+            out[f"{stage} trainer bf16/fp32"] = gain
+            out[f"{stage} trainer gain / step gain"] = gain / out[f"{stage} step bf16/fp32"]
+        if f"{stage} bf16" in trainer:
+            out[f"{stage} trainer / step (bf16)"] = trainer[f"{stage} bf16"] / r[f"{stage} step img/s"]["bf16"]
+        for p in PRECISIONS:
+            if f"{stage} {p} compiled" in compiled:
+                out[f"{stage} step compiled/eager ({p})"] = (compiled[f"{stage} {p} compiled"]["images_per_second"]
+                                                             / compiled[f"{stage} {p} eager"]["images_per_second"])
+    return {k: round(v, 3) for k, v in out.items()}
 
 
 def main() -> None:
@@ -288,24 +298,52 @@ def main() -> None:
         arch, n, ckpt = sys.argv[2], int(sys.argv[3]), bool(int(sys.argv[4]))
         print(json.dumps(memory_case(arch, n, ckpt)))
         return
+    if len(sys.argv) > 1 and sys.argv[1] == "--step-case":
+        stage, arch, n, steps, device, precision, compiled = sys.argv[2:9]
+        rate, peak = train_step(stage, arch, int(n), int(steps), device, precision, compiled=compiled == "1")
+        print(json.dumps({"images_per_second": rate, "peak_gib": peak}))
+        return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--archs", nargs="+", default=["tiny-vit", "ViT-B-16"])
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default="benchmarks/results/speed.json")
-    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--busy", action="store_true", help="keep one core busy with another process")
+    parser.add_argument("--compile", action="store_true", help="also time the steps with run.compile")
+    parser.add_argument("--no-trainer", dest="trainer", action="store_false", help="skip the trainer runs")
+    parser.add_argument("--torchrun", action="store_true", help="run the trainer under torchrun (one process)")
+    parser.add_argument("--no-memory", dest="memory", action="store_false")
+    parser.add_argument("--gpu", action="store_true",
+                        help="the GPU preset: --device cuda --archs ViT-B-16 --batch 128 --compile --torchrun")
+    parser.add_argument("--out", help="default: benchmarks/results/speed[-busy|-gpu].json")
     args = parser.parse_args()
+    if args.gpu:
+        args.device, args.archs, args.batch, args.compile, args.torchrun = "cuda", ["ViT-B-16"], 128, True, True
+    suffix = "-gpu" if args.gpu else "-busy" if args.busy else ""
+    out_path = Path(args.out or ROOT / "benchmarks" / "results" / f"speed{suffix}.json")
     torch.manual_seed(0)
-    report = {"machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-                          "torch": torch.__version__, "threads": torch.get_num_threads(),
-                          "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"},
-              "batch": args.batch, "steps": args.steps, "results": {}}
-    for arch in args.archs:
-        report["results"][arch] = run_arch(arch, args.batch, args.steps, args.device, not args.no_memory)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"written to {args.out}")
+    neighbour = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if args.busy else None
+    try:
+        if neighbour:
+            time.sleep(1.0)
+        from ceprompt.threads import set_threads
+        set_threads()  # as every verb does: the cores other work leaves free
+        report = {"machine": machine(args.device, args.busy), "batch": args.batch, "steps": args.steps,
+                  "results": {}}
+        for arch in args.archs:
+            report["results"][arch] = run_arch(arch, args.batch, args.steps, args.device, args)
+    finally:
+        if neighbour:
+            neighbour.kill()
+            neighbour.wait()
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(report, indent=2) + "\n")
+    print("\nratios (higher is better; bare tower = open_clip's encode_image at the same precision and batch)")
+    for arch, r in report["results"].items():
+        print(f"{arch}:")
+        for name, value in r["ratios"].items():
+            print(f"  {name:44s} {value:6.2f}")
+    print(f"written to {out_path}")
 
 
 if __name__ == "__main__":

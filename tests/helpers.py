@@ -58,12 +58,12 @@ def write_folder_dataset(root: Path, classes: list[str], n_train: int = 3, n_tes
     return root
 
 
-def train_tiny_runs(root: Path) -> dict[str, Path]:
+def train_tiny_runs(root: Path, n_train: int = 2, epochs: int = 1) -> dict[str, Path]:
     """A stage-1 and a stage-2 run of the tiny CLIP on generated RAF-DB-layout data (seconds on a CPU)."""
     from ceprompt.cli import main
 
-    data = write_three_file_dataset(root / "RAF-DB", "rafdb", n_train=2, n_test=1)
-    common = ["backbone.arch=tiny-vit", f"data.root={data}", "data.workers=0", "optim.epochs=1",
+    data = write_three_file_dataset(root / "RAF-DB", "rafdb", n_train=n_train, n_test=1)
+    common = ["backbone.arch=tiny-vit", f"data.root={data}", "data.workers=0", f"optim.epochs={epochs}",
               "optim.batch_size=7", "optim.warmup_epochs=0", f"run.output_dir={root}", "run.device=cpu",
               "run.progress=false", "head.top_k=4", "cat.prompt_depth=3"]
 
@@ -73,3 +73,16 @@ def train_tiny_runs(root: Path) -> dict[str, Path]:
     assert main(["train", "--config", "rafdb_stage1", *sets(["run.name=s1"])]) == 0
     assert main(["train", "--config", "rafdb_stage2", "--init", str(root / "s1"), *sets(["run.name=s2"])]) == 0
     return {"s1": root / "s1", "s2": root / "s2", "data": data}
+
+
+def precision_agreement(model: Path, images: list) -> tuple[float, float]:
+    """Share of equal labels and the largest probability difference, bf16 against fp32, on ``images``."""
+    import ceprompt
+
+    probs = {}
+    for precision in ("fp32", "bf16"):
+        rec = ceprompt.load(model, device="cpu", precision=precision)
+        faces = rec.predict_batch(images, detect="none")
+        probs[precision] = np.array([[f[0].probabilities[c] for c in rec.class_names] for f in faces])
+    same = (probs["fp32"].argmax(1) == probs["bf16"].argmax(1)).mean()
+    return float(same), float(np.abs(probs["fp32"] - probs["bf16"]).max())

@@ -11,6 +11,7 @@ from PIL import Image
 from ceprompt.cli import main
 from ceprompt.data.datasets import RAFDB_CLASSES, load_splits
 from ceprompt.demo.faces import generate, write_rafdb_dataset
+from helpers import precision_agreement
 
 
 def test_generated_dataset_uses_rafdb_layout(tmp_path: Path) -> None:
@@ -50,6 +51,12 @@ def test_quick_demo_learns_beyond_zero_shot(tmp_path: Path, monkeypatch) -> None
         with Image.open(out / "report" / name) as img:
             assert img.size[0] > 400 and img.size[1] > 200
     assert list((tmp_path / "cache" / "demo").glob("clip-demo-vit-*.safetensors"))
+    # bf16 (precision auto on CPUs with native bf16) gives the answers fp32 gives on the demo's test faces
+    test_faces = [Image.open(p) for p in sorted((out / "data" / "Image" / "aligned_224").glob("test_*"))]
+    assert len(test_faces) == 350
+    for stage in ("stage1", "stage2"):
+        same, worst = precision_agreement(out / stage, test_faces)
+        assert same >= 0.99 and worst <= 0.02, (stage, same, worst)
 
 
 def test_several_seeds_are_reported_as_mean_and_std() -> None:

@@ -139,8 +139,11 @@ def test_stage2_gradients(clip, invariant: bool, mode: str) -> None:
 
 
 def capture_block_inputs(blocks) -> tuple[list[torch.Tensor], list]:
+    """What each block receives: its first module, ``ln_1``, sees the block's input (blocks run through
+    ``towers.block_forward``, not their own ``__call__``)."""
     seen: list[torch.Tensor] = []
-    handles = [b.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone())) for b in blocks]
+    handles = [b.ln_1.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+               for b in blocks]
     return seen, handles
 
 

@@ -23,7 +23,8 @@ from PIL import Image
 from .engine.build import LoadedModel, load_trained
 from .engine.runtime import resolve_device, resolve_precision
 from .errors import CepromptError, ConfigError
-from .faces import DEFAULT_EXPAND, DetectedFace, FaceDetector, align_face, to_pil, whole_image_face
+from .faces import (DEFAULT_EXPAND, DEFAULT_MIN_FACE, DetectedFace, FaceDetector, MinFace, align_face, to_pil,
+                    whole_image_face)
 from .head import patch_class_similarity
 from .images import open_image
 
@@ -58,7 +59,10 @@ class Recognizer:
     """A trained CEPrompt model with its preprocessing, ready for images."""
 
     def __init__(self, loaded: LoadedModel, device: str = "auto", precision: str = "auto",
-                 detector_threshold: float = 0.9, min_face_size: int = 20, expand: float = DEFAULT_EXPAND) -> None:
+                 detector_threshold: float = 0.9, min_face_size: MinFace | str | int = DEFAULT_MIN_FACE,
+                 expand: float = DEFAULT_EXPAND) -> None:
+        """``min_face_size``: the smallest face searched for, in pixels (``20`` or ``"20px"``), as a share of
+        the image's shorter side (``"2%"``) or the larger of both (``"20px,2%"``, the default)."""
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
         self.model = loaded.model.to(self.device).eval()
@@ -70,10 +74,9 @@ class Recognizer:
         self.temperature = float((self.meta.get("calibration") or {}).get("temperature", 1.0))
         # What a user must know about this model, e.g. "learned drawn faces only" for the demo's.
         self.notice: str | None = self.meta.get("notice") or None
-        self._to_tensor = self.preprocess.to_tensor()
         self._resize = self.preprocess.resize()
         self._detector: FaceDetector | None = None
-        self._detector_args = (detector_threshold, min_face_size)
+        self._detector_args = (detector_threshold, MinFace.parse(min_face_size, "min_face_size"))
         with torch.no_grad(), self._autocast():
             self.text_features = self.model.class_text_features().float()  # once, not per image
 
@@ -86,7 +89,7 @@ class Recognizer:
     def detector(self) -> FaceDetector:
         if self._detector is None:
             threshold, min_size = self._detector_args
-            self._detector = FaceDetector(str(self.device), min_face_size=min_size, threshold=threshold)
+            self._detector = FaceDetector(str(self.device), min_face=min_size, threshold=threshold)
         return self._detector
 
     def find_faces(self, image: Image.Image, detect: str = "mtcnn") -> list[tuple[DetectedFace, Image.Image]]:
@@ -100,7 +103,7 @@ class Recognizer:
 
     @torch.no_grad()
     def _score(self, crops: Sequence[Image.Image]) -> tuple[np.ndarray, torch.Tensor]:
-        batch = torch.stack([self._to_tensor(c) for c in crops]).to(self.device)
+        batch = self.preprocess.batch_tensor(crops).to(self.device)
         with self._autocast():
             out = self.model(batch, text_features=self.text_features)
         return out.logits.float().cpu().numpy(), out.patches.float().cpu()

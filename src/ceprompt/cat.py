@@ -16,7 +16,7 @@ from torch import nn
 from .head import HeadConfig, ScoreOutput, emotion_scores
 from .prompts import PromptLearner
 from .trainable import freeze
-from .towers import run_blocks, text_encode_embeddings, vision_embed, vision_project
+from .towers import BlockPass, block_forward, run_blocks, text_encode_embeddings, vision_embed, vision_project
 
 
 class CATModel(nn.Module):
@@ -42,6 +42,7 @@ class CATModel(nn.Module):
         self.class_names = list(class_names)
         self.head = head or HeadConfig()
         self.grad_checkpointing = grad_checkpointing
+        self.block_pass: BlockPass = block_forward  # the compiled form with run.compile
         self.prompt_learner = PromptLearner(
             clip, class_names, n_ctx=n_ctx, ctx_init=ctx_init, depth=prompt_depth,
             invariant_token=invariant_token, vision_prompts=vision_prompts, prompt_names=prompt_names,
@@ -49,9 +50,14 @@ class CATModel(nn.Module):
         )
 
     def class_text_features(self) -> torch.Tensor:
-        """Class embeddings from the current prompts, L2-normalised: (C, D). Recompute after each step."""
+        """Class embeddings from the current prompts, L2-normalised: (C, D). Recompute after each step.
+
+        Always in fp32, also under autocast: every score depends on these few vectors, and a few prompts
+        of a few tokens cost little next to a batch of images."""
         pl = self.prompt_learner
-        feats = text_encode_embeddings(self.clip, pl.text_embeddings(), pl.token_ids, hook=pl.text_hook)
+        with torch.autocast(device_type=pl.token_embeds.device.type, enabled=False):
+            feats = text_encode_embeddings(self.clip, pl.text_embeddings(), pl.token_ids, hook=pl.text_hook,
+                                           block_pass=self.block_pass)
         return F.normalize(feats.float(), dim=-1)
 
     def encode_image_tokens(self, images: torch.Tensor) -> torch.Tensor:
@@ -75,7 +81,8 @@ class CATModel(nn.Module):
                 return torch.cat([x[:, :n_tokens], prompt], dim=1)
             return torch.cat([x[:, :1], prompt, x[:, 1 + pl.n_ctx:]], dim=1)
 
-        x = run_blocks(visual.transformer.resblocks, x, hook=hook, grad_checkpointing=self.grad_checkpointing)
+        x = run_blocks(visual.transformer.resblocks, x, hook=hook, grad_checkpointing=self.grad_checkpointing,
+                       block_pass=self.block_pass)
         return vision_project(visual, x[:, :n_tokens])
 
     def forward(

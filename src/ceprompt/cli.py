@@ -18,7 +18,7 @@ from .errors import CepromptError
 from .ranges import COUNT, POSITIVE, POSITIVE_INT, Range, arg
 
 Handler = Callable[[argparse.Namespace], int]
-MIN_FACE = 12  # MTCNN's smallest window; a smaller minimum would upscale every image 12/min-face times
+DEFAULT_MIN_FACE = "20px,2%"  # ceprompt.faces.DEFAULT_MIN_FACE, written as on the command line
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
@@ -105,7 +105,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo.run import format_table, run_demo
 
     results = run_demo(args.out, quick=args.quick, seed=args.seed, overwrite=args.overwrite, workers=args.workers,
-                       progress=not args.no_progress, threads=args.threads, seeds=args.seeds)
+                       progress=not args.no_progress, threads=args.threads, seeds=args.seeds,
+                       precision=args.precision)
     print(format_table(results))
     print(f"report: {results['runs']['stage2'].rsplit('/', 1)[0]}/report  ({results['seconds']['total']:.0f} s)")
     return 0
@@ -210,14 +211,20 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from .server.app import serve
 
     serve(args.checkpoint, host=args.host, port=args.port, max_upload_bytes=int(args.max_upload_mb * 1_000_000),
-          device=args.device, allow_origins=args.allow_origin or [], allow_hosts=args.allow_host or [])
+          device=args.device, precision=args.precision, min_face=args.min_face,
+          allow_origins=args.allow_origin or [], allow_hosts=args.allow_host or [])
     return 0
+
+
+def _add_precision(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="autocast precision; auto: bf16 on GPUs and on CPUs with AMX or AVX512-BF16, else fp32 "
+                        "(ceprompt doctor says which here)")
 
 
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="autocast precision; auto: bf16 on GPU, fp32 on CPU")
+    _add_precision(p)
     p.add_argument("--workers", type=arg(Range(0, 256, integer=True)), help="data loading processes")
     _add_threads(p)
 
@@ -225,6 +232,22 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
 def _add_threads(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=arg(Range(1, 1024, integer=True)), metavar="N",
                    help="CPU threads (default: the cores this process may use that other work leaves free)")
+
+
+def _min_face(text: str):
+    from .errors import ConfigError
+    from .faces import MinFace
+
+    try:
+        return MinFace.parse(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--min-face=")) from None
+
+
+def _add_min_face(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--min-face", type=_min_face, default=DEFAULT_MIN_FACE, metavar="PX|PCT%",
+                   help="smallest face searched for: pixels (20 or 20px, >= 12), a share of the image's shorter "
+                        "side (2%%) or the larger of both (default %(default)s)")
 
 
 def _add_pixel_limit(p: argparse.ArgumentParser) -> None:
@@ -326,8 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=arg(POSITIVE_INT), default=32)
     p.add_argument("--threshold", type=arg(Range(0, 1, lo_open=True)), default=0.9,
                    help="face detector confidence threshold, in (0, 1] (default 0.9)")
-    p.add_argument("--min-face", type=arg(Range(MIN_FACE, 100_000, integer=True)), default=20,
-                   help=f"smallest face side in pixels, >= {MIN_FACE} (default 20)")
+    _add_min_face(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--no-progress", action="store_true")
     _add_pixel_limit(p)
@@ -383,9 +405,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also accept this Host header (repeatable; default: the listening address, loopback "
                         "names and, on 0.0.0.0, this machine's names and IP addresses)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    _add_precision(p)
+    _add_min_face(p)
     _add_pixel_limit(p)
     _add_threads(p)
-    p.set_defaults(handler=_cmd_serve)
+    p.set_defaults(handler=_cmd_serve, precision="auto")
 
     p = verbs.add_parser("demo", help="the whole method on generated faces and a small CLIP, on a CPU (about 5 "
                          "minutes on 2 idle cores the first time, 1.5 once its demo CLIP is cached)")
@@ -400,8 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=arg(Range(0, 64, integer=True)), default=2,
                    help="processes for data generation and loading")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_precision(p)
     _add_threads(p)
-    p.set_defaults(handler=_cmd_demo)
+    p.set_defaults(handler=_cmd_demo, precision="auto")
 
     p = verbs.add_parser("make-demo-data", help="write generated expression faces in the RAF-DB layout")
     p.add_argument("out", help="output folder (must be new or empty)")

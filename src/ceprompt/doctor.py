@@ -14,6 +14,7 @@ import torch
 from . import __version__
 from .clip_backbone import build_clip, get_arch, tokenize
 from .clip_files import load_clip, save_clip_safetensors
+from .engine.runtime import auto_precision
 
 
 # ceprompt's optional extras (pyproject.toml) and the packages each brings.
@@ -63,19 +64,16 @@ def _cpu() -> list[tuple[str, str]]:
     ]
 
 
-def _cpu_bf16() -> str:
-    """Without AMX or AVX512-BF16, bf16 on a CPU is emulated and slower than fp32."""
-    native = [name for name, probe in (("AMX", "_is_amx_tile_supported"), ("AVX512-BF16", "_is_avx512_bf16_supported"))
-              if getattr(torch.cpu, probe, lambda: False)()]
-    return f"native ({', '.join(native)})" if native else "emulated (slower than fp32 here: keep --precision fp32)"
+def _precision(device: torch.device) -> str:
+    chosen, why = auto_precision(device)
+    return f"--precision auto = {chosen}: {why}"
 
 
 def _devices() -> list[tuple[str, str]]:
-    rows = [("cpu", f"bf16 {_cpu_bf16()}")]
+    rows = [("cpu", _precision(torch.device("cpu")))]
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
-            name = torch.cuda.get_device_name(i)
-            rows.append((f"cuda:{i}", f"{name}, bf16 {'yes' if torch.cuda.is_bf16_supported() else 'no'}"))
+            rows.append((f"cuda:{i}", f"{torch.cuda.get_device_name(i)}, {_precision(torch.device('cuda', i))}"))
     else:
         rows.append(("cuda", "not available"))
     return rows

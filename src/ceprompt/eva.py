@@ -20,7 +20,7 @@ from .errors import ConfigError
 from .head import HeadConfig, ScoreOutput, emotion_scores
 from .prompts import DEFAULT_TEMPLATE, class_prompts, fixed_prompt_features
 from .trainable import freeze
-from .towers import run_blocks, vision_embed, vision_project
+from .towers import BlockPass, block_forward, run_blocks, vision_embed, vision_project
 
 KD_TARGETS = ("normalized", "raw")
 
@@ -65,6 +65,7 @@ class EVAModel(nn.Module):
         self.kd_weight = kd_weight
         self.kd_target = kd_target
         self.grad_checkpointing = grad_checkpointing
+        self.block_pass: BlockPass = block_forward  # the compiled form with run.compile
 
         freeze(clip)
         visual = clip.visual
@@ -111,12 +112,12 @@ class EVAModel(nn.Module):
         visual = self.clip.visual
         with torch.no_grad():
             x = visual.ln_pre(vision_embed(visual, images))
-            return run_blocks(visual.transformer.resblocks[: self.fix_layer], x)
+            return run_blocks(visual.transformer.resblocks[: self.fix_layer], x, block_pass=self.block_pass)
 
     def _student(self, x: torch.Tensor) -> torch.Tensor:
         visual = self.clip.visual
         x = run_blocks(visual.transformer.resblocks[self.fix_layer:], x, first_index=self.fix_layer,
-                       grad_checkpointing=self.grad_checkpointing)
+                       grad_checkpointing=self.grad_checkpointing, block_pass=self.block_pass)
         return vision_project(visual, x)
 
     def enable_teacher_cache(self, n_keys: int) -> None:
@@ -162,7 +163,7 @@ class EVAModel(nn.Module):
 
     @torch.no_grad()
     def _teacher_global(self, x: torch.Tensor) -> torch.Tensor:
-        x = run_blocks(self.teacher["blocks"], x)
+        x = run_blocks(self.teacher["blocks"], x, block_pass=self.block_pass)
         return self.teacher["ln_post"](x[:, 0]) @ self.teacher.proj
 
     def forward(

@@ -9,6 +9,11 @@ inference that differ from the ones it was trained on. The policy:
 2. take a square centred on the detector's box (rotated with the image), its side
    ``expand`` x the longer side of the box (default 1.3: the whole face with a little margin);
 3. resize it to the model's input size, bicubic; parts outside the image are filled with black.
+
+Detection cost does not grow with a photo's megapixels: faces smaller than the minimum face
+(:class:`MinFace`: the larger of 20 px and 2% of the shorter side by default) are not searched for,
+so MTCNN runs on a copy scaled down until that minimum face is its smallest window, and the boxes and
+landmarks are mapped back to the full image, from which the face is cut.
 """
 
 from __future__ import annotations
@@ -20,10 +25,16 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from .errors import CepromptError
+from .errors import CepromptError, ConfigError
 from .images import as_rgb
+from .ranges import Range, check
 
 DEFAULT_EXPAND = 1.3
+MTCNN_WINDOW = 12  # MTCNN's smallest window: a face this size in the searched image is the smallest it finds
+# A face found on the downscaled copy is searched again in its neighbourhood of the full image (twice its
+# side), with the face scaled to this size at most: MTCNN's last stage sees every face at 48 px, and on the
+# test photos 160 px matched full-image detection more closely than 320 px or the full resolution did.
+REFINE_FACE = 160
 Box = tuple[float, float, float, float]
 Point = tuple[float, float]
 
@@ -40,8 +51,7 @@ def align_face(image: Image.Image, box: Box, landmarks: Sequence[Point] | None, 
     """Cut one face out of ``image`` by the policy above; returns a ``size`` x ``size`` RGB image."""
     x0, y0, x1, y1 = box
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    side = max(x1 - x0, y1 - y0) * expand
-    angle = 0.0
+    half = max(x1 - x0, y1 - y0) * expand / 2
     if landmarks is not None and len(landmarks) >= 2:
         (lx, ly), (rx, ry) = landmarks[0], landmarks[1]
         angle = math.degrees(math.atan2(ry - ly, rx - lx))
@@ -49,11 +59,21 @@ def align_face(image: Image.Image, box: Box, landmarks: Sequence[Point] | None, 
         # where the box centre lands after rotating the image by -angle about the eye midpoint
         a = math.radians(angle)
         dx, dy = cx - ex, cy - ey
-        cx, cy = ex + dx * math.cos(a) + dy * math.sin(a), ey - dx * math.sin(a) + dy * math.cos(a)
+        rcx, rcy = ex + dx * math.cos(a) + dy * math.sin(a), ey - dx * math.sin(a) + dy * math.cos(a)
+        # Only the part of the image the crop reaches is rotated (a 12 MP photo: 0.5 s -> milliseconds), with
+        # the same pixels: the crop lies within half * sqrt(2) of the rotated centre, its source within that of
+        # the box centre, and 3 pixels more cover the bicubic kernel.
+        reach = half * math.sqrt(2) + 3
+        left, top = max(0, math.floor(min(cx, rcx) - reach)), max(0, math.floor(min(cy, rcy) - reach))
+        right = min(image.width, math.ceil(max(cx, rcx) + reach))
+        bottom = min(image.height, math.ceil(max(cy, rcy) + reach))
+        if right > left and bottom > top:
+            image = image.crop((left, top, right, bottom))
+            ex, ey, rcx, rcy = ex - left, ey - top, rcx - left, rcy - top
         image = image.rotate(angle, resample=Image.BICUBIC, center=(ex, ey))
-    half = side / 2
-    crop = image.convert("RGB").crop((round(cx - half), round(cy - half), round(cx + half), round(cy + half)))
-    return crop.resize((size, size), Image.BICUBIC)
+        cx, cy = rcx, rcy
+    crop = image.crop((round(cx - half), round(cy - half), round(cx + half), round(cy + half)))
+    return (crop if crop.mode == "RGB" else crop.convert("RGB")).resize((size, size), Image.BICUBIC)
 
 
 def whole_image_face(image: Image.Image) -> DetectedFace:
@@ -61,10 +81,76 @@ def whole_image_face(image: Image.Image) -> DetectedFace:
     return DetectedFace(box=(0.0, 0.0, float(image.width), float(image.height)), landmarks=None, confidence=None)
 
 
+MIN_FACE_PIXELS = Range(MTCNN_WINDOW, 100_000, integer=True)
+MIN_FACE_PERCENT = Range(0, 100, lo_open=True)
+
+
+@dataclass(frozen=True)
+class MinFace:
+    """The smallest face searched for: ``pixels``, or ``fraction`` of the image's shorter side if larger.
+
+    Written ``20px`` (or ``20``), ``2%``, or ``20px,2%`` for the larger of both. A fraction alone still
+    stops at MTCNN's smallest window (12 px): a smaller minimum would upscale the image.
+    """
+
+    pixels: int = 20
+    fraction: float = 0.0
+
+    @classmethod
+    def parse(cls, text: "str | int | MinFace", name: str = "--min-face") -> "MinFace":
+        if isinstance(text, MinFace):
+            return text
+        if isinstance(text, int) and not isinstance(text, bool):
+            return cls(check(name, text, MIN_FACE_PIXELS))
+        if not isinstance(text, str):
+            raise ConfigError(f"{name}={text!r}; expected pixels (20 or 20px), a percentage of the shorter side "
+                              "(2%) or both (20px,2%)")
+        pixels, fraction = MTCNN_WINDOW, 0.0
+        parts = [p.strip().lower() for p in text.split(",")]
+        if not 1 <= len(parts) <= 2 or len({p.endswith("%") for p in parts}) != len(parts):
+            raise ConfigError(f"{name}={text!r}; expected pixels (20 or 20px), a percentage of the shorter side "
+                              "(2%) or both (20px,2%)")
+        for part in parts:
+            number = part.removesuffix("%").removesuffix("px").strip()
+            try:
+                value = float(number)
+            except ValueError:
+                raise ConfigError(f"{name}={text!r}: {part!r} is not a number of pixels or a percentage") from None
+            if part.endswith("%"):
+                fraction = check(name, value, MIN_FACE_PERCENT) / 100
+            else:
+                pixels = check(name, int(value) if value.is_integer() else value, MIN_FACE_PIXELS)
+        return cls(pixels, fraction)
+
+    def pixels_for(self, width: int, height: int) -> float:
+        """The minimum face side in pixels for a ``width`` x ``height`` image."""
+        return max(float(self.pixels), self.fraction * min(width, height))
+
+    def __str__(self) -> str:
+        parts = [f"{self.pixels}px"] if self.pixels != MTCNN_WINDOW or not self.fraction else []
+        return ",".join(parts + ([f"{self.fraction * 100:g}%"] if self.fraction else []))
+
+
+# Faces in photos worth classifying are rarely under 2% of the shorter side (60 px in a 12 MP photo, a crop
+# upscaled 4x to 224 px); 20 px keeps small images and video frames searched as closely as before.
+DEFAULT_MIN_FACE = MinFace(pixels=20, fraction=0.02)
+
+
+def detection_copy(image: Image.Image, scale: float) -> Image.Image:
+    """``image`` scaled by ``scale`` (< 1) for the detector: an integer box reduction first (fast, and it
+    averages like MTCNN's own area resampling), then one resize to the exact size."""
+    width, height = max(1, round(image.width * scale)), max(1, round(image.height * scale))
+    factor = int(1 / scale)
+    if factor >= 2:
+        image = image.reduce(factor)
+    return image.resize((width, height), Image.BILINEAR) if image.size != (width, height) else image
+
+
 class FaceDetector:
     """MTCNN with its weights bundled in facenet-pytorch (no download)."""
 
-    def __init__(self, device: str = "cpu", min_face_size: int = 20, threshold: float = 0.9) -> None:
+    def __init__(self, device: str = "cpu", min_face: "MinFace | str | int" = DEFAULT_MIN_FACE,
+                 threshold: float = 0.9) -> None:
         try:
             from facenet_pytorch import MTCNN
         except ImportError:
@@ -72,27 +158,85 @@ class FaceDetector:
                 "face detection needs facenet-pytorch: pip install 'ceprompt[face]' "
                 "(or pass --detect none / detect='none' for images that are already face crops)"
             ) from None
-        self.threshold, self.min_face_size = threshold, min_face_size
-        self.mtcnn = MTCNN(keep_all=True, min_face_size=min_face_size, device=device, post_process=False)
+        self.threshold, self.min_face = threshold, MinFace.parse(min_face)
+        self.mtcnn = MTCNN(keep_all=True, device=device, post_process=False)
 
     def detect(self, image: Image.Image) -> list[DetectedFace]:
-        """Faces above the confidence threshold, largest first; an empty list when there are none."""
-        if min(image.size) < self.min_face_size:  # no face of the minimum size fits (and MTCNN would fail)
+        """Faces above the confidence threshold, largest first; an empty list when there are none.
+
+        With the image larger than the minimum face needs, faces are found on a downscaled copy and each
+        is then found again in its own neighbourhood of the full image: MTCNN's box and landmark regression is
+        as precise as on the full image, for a fraction of its cost.
+        """
+        image = image if image.mode == "RGB" else image.convert("RGB")
+        min_face = self.min_face.pixels_for(*image.size)
+        if min(image.size) < min_face:  # no face of the minimum size fits (and MTCNN would fail)
             return []
+        scale = MTCNN_WINDOW / min_face
+        if scale >= 1:
+            faces = self._search(image, min_face)
+        else:
+            coarse = self._search(detection_copy(image, scale), MTCNN_WINDOW, image.size)
+            faces = _distinct([self._refine(image, face) for face in coarse])
+        faces = [f for f in faces if f.confidence is not None and f.confidence >= self.threshold]
+        return sorted(faces, key=lambda f: -_area(f.box))
+
+    def _search(self, image: Image.Image, min_face: float, frame: tuple[int, int] | None = None,
+                offset: tuple[float, float] = (0.0, 0.0)) -> list[DetectedFace]:
+        """Every face MTCNN returns in ``image`` (at any confidence), in the coordinates of a ``frame``-sized
+        image (default: ``image``'s own) of which ``image`` shows the part from ``offset`` on."""
+        self.mtcnn.min_face_size = max(float(MTCNN_WINDOW), min_face)
         try:
-            boxes, probs, points = self.mtcnn.detect(image.convert("RGB"), landmarks=True)
+            boxes, probs, points = self.mtcnn.detect(image, landmarks=True)
         except (RuntimeError, ValueError, IndexError) as exc:
             raise CepromptError(f"face detection failed on this {image.width}x{image.height} image "
                                 f"({str(exc).splitlines()[0][:120]})") from None
         if boxes is None:
             return []
-        faces = [
-            DetectedFace(box=tuple(float(v) for v in b), landmarks=[(float(x), float(y)) for x, y in p],
-                         confidence=float(c))
-            for b, c, p in zip(boxes, probs, points)
-            if c is not None and c >= self.threshold
+        fw, fh = frame or image.size
+        sx, sy = fw / image.width, fh / image.height
+        ox, oy = offset
+        return [
+            DetectedFace(box=(ox + b[0] * sx, oy + b[1] * sy, ox + b[2] * sx, oy + b[3] * sy),
+                         landmarks=[(ox + x * sx, oy + y * sy) for x, y in p.tolist()], confidence=float(c))
+            for b, c, p in zip(boxes.tolist(), probs, points)
+            if c is not None
         ]
-        return sorted(faces, key=lambda f: -(f.box[2] - f.box[0]) * (f.box[3] - f.box[1]))
+
+    def _refine(self, image: Image.Image, face: DetectedFace) -> DetectedFace:
+        """``face`` (found on a downscaled copy) found again in its neighbourhood of the full ``image``."""
+        x0, y0, x1, y1 = face.box
+        side = max(x1 - x0, y1 - y0)
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        left, top = max(0, math.floor(cx - side)), max(0, math.floor(cy - side))
+        right, bottom = min(image.width, math.ceil(cx + side)), min(image.height, math.ceil(cy + side))
+        region = image.crop((left, top, right, bottom))
+        scale = min(1.0, REFINE_FACE / side)
+        searched = detection_copy(region, scale) if scale < 1 else region
+        if min(searched.size) < MTCNN_WINDOW:
+            return face
+        found = self._search(searched, side * scale / 2, region.size, (left, top))
+        best = max(found, key=lambda f: _iou(f.box, face.box), default=None)
+        return best if best is not None and _iou(best.box, face.box) >= 0.3 else face
+
+
+def _area(box: Box) -> float:
+    return max(0.0, box[2] - box[0]) * max(0.0, box[3] - box[1])
+
+
+def _iou(a: Box, b: Box) -> float:
+    inter = _area((max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])))
+    union = _area(a) + _area(b) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def _distinct(faces: list[DetectedFace]) -> list[DetectedFace]:
+    """Faces after refinement, dropping one that became the same face as a more confident one."""
+    kept: list[DetectedFace] = []
+    for face in sorted(faces, key=lambda f: -(f.confidence or 0.0)):
+        if all(_iou(face.box, other.box) < 0.7 for other in kept):
+            kept.append(face)
+    return kept
 
 
 def to_pil(image: object) -> Image.Image:

@@ -57,7 +57,8 @@ def results_markdown(results: dict[str, Any]) -> str:
     seeds = results.get("seeds", [])
     lines += [f"{results['n_train']} training and {results['n_test']} test images"
               + (f"; mean ± sample standard deviation over seeds {', '.join(map(str, seeds))}" if several else "")
-              + f"; {results.get('threads', '?')} CPU thread(s).", "", "| step | seconds |", "|---|---|"]
+              + f"; {results.get('threads', '?')} CPU thread(s), {results.get('precision', 'fp32')}.", "",
+              "| step | seconds |", "|---|---|"]
     lines += [f"| {step} | {seconds:.1f} |" for step, seconds in results["seconds"].items()]
     return "\n".join(lines) + "\n"
 

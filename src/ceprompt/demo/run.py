@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from ..config import load_config
 from ..engine.eval_job import run_eval
+from ..engine.runtime import resolve_precision
 from ..engine.train import train
 from ..owned_dirs import OwnedDir
 from ..ranges import Range, check
@@ -54,7 +56,8 @@ def _has_report(folder: Path) -> bool:
 
 
 def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, overwrite: bool = False,
-             workers: int = 2, progress: bool = True, threads: int | None = None, seeds: int = 1) -> dict[str, Any]:
+             workers: int = 2, progress: bool = True, threads: int | None = None, seeds: int = 1,
+             precision: str = "auto") -> dict[str, Any]:
     """Run the demo; returns the results table (also written to ``out/report/results.json``).
 
     With ``seeds`` > 1 both stages are trained once per seed (``seed``, ``seed + 1``, ...) on the same
@@ -64,11 +67,11 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, 
     plan = QUICK if quick else FULL
     owned = OwnedDir(Path(out), "demo folder", _has_report, overwrite).plan()
     with owned.replacing() as folder:
-        return _run(folder, plan, quick, seed, seeds, workers, progress, threads)
+        return _run(folder, plan, quick, seed, seeds, workers, progress, threads, precision)
 
 
 def _run(out: Path, plan: DemoPlan, quick: bool, seed: int, seeds: int, workers: int, progress: bool,
-         threads: int | None) -> dict[str, Any]:
+         threads: int | None, precision: str) -> dict[str, Any]:
     from .faces import write_rafdb_dataset
 
     start = time.perf_counter()
@@ -91,10 +94,10 @@ def _run(out: Path, plan: DemoPlan, quick: bool, seed: int, seeds: int, workers:
     lap("demo CLIP", t0)
 
     common = [f"backbone.path={clip}", f"data.root={data}", f"run.progress={str(progress).lower()}",
-              f"run.threads={threads or 0}", *plan.overrides]
+              f"run.threads={threads or 0}", f"run.precision={precision}", *plan.overrides]
     t0 = time.perf_counter()
     zero_shot = run_eval(data, zero_shot_config=load_config("demo_stage1", [*common, f"run.output_dir={out}"]),
-                         out=out / "zero_shot", device="cpu", workers=0, progress=progress)
+                         out=out / "zero_shot", device="cpu", precision=precision, workers=0, progress=progress)
     lap("zero-shot", t0)
 
     per_seed: list[dict[str, Any]] = []
@@ -122,6 +125,7 @@ def _run(out: Path, plan: DemoPlan, quick: bool, seed: int, seeds: int, workers:
         "seeds": [p["seed"] for p in per_seed],
         "per_seed": per_seed,
         "threads": used_threads,
+        "precision": resolve_precision(precision, torch.device("cpu")),
         "seconds": timings,
         "runs": {"zero_shot": str(out / "zero_shot"), "stage1": per_seed[0]["runs"][0], "stage2": per_seed[0]["runs"][1]},
     }

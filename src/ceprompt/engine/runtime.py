@@ -72,11 +72,34 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     raise ConfigError(f"device {name!r}; expected auto, cpu, cuda or cuda:N")
 
 
+# torch's own CPU probes, by the name of the feature they find (private, hence looked up with a default).
+CPU_BF16_PROBES = (("AMX", "_is_amx_tile_supported"), ("AVX512-BF16", "_is_avx512_bf16_supported"))
+
+
+def cpu_bf16_features() -> list[str]:
+    """The instruction sets that give this CPU native bf16 matrix products (AMX, AVX512-BF16). Without one,
+    bf16 is emulated and slower than fp32."""
+    return [name for name, probe in CPU_BF16_PROBES if getattr(torch.cpu, probe, lambda: False)()]
+
+
+def auto_precision(device: torch.device) -> tuple[str, str]:
+    """What ``precision: auto`` picks on ``device``, and why."""
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return "bf16", "the GPU supports bf16"
+        return "fp32", "the GPU has no bf16"
+    if device.type == "cpu":
+        native = cpu_bf16_features()
+        if native:
+            return "bf16", f"the CPU multiplies bf16 natively ({', '.join(native)})"
+        return "fp32", "the CPU has neither AMX nor AVX512-BF16 (bf16 would be emulated, slower than fp32)"
+    return "fp32", f"no bf16 policy for {device.type} devices"
+
+
 def resolve_precision(name: str, device: torch.device) -> str:
+    """``auto`` (see :func:`auto_precision`) or a forced fp32, bf16 or fp16."""
     if name == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return "bf16"
-        return "fp32"
+        return auto_precision(device)[0]
     if name not in DTYPES:
         raise ConfigError(f"precision {name!r}; expected auto, fp32, bf16 or fp16")
     return name

@@ -22,7 +22,6 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from open_clip.transformer import CustomResidualAttentionBlock, ResidualAttentionBlock
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -37,6 +36,7 @@ from ..metrics import fit_temperature
 from ..owned_dirs import MARKER, DirLock, OwnedDir
 from ..paths import escapes
 from ..threads import ThreadGovernor
+from ..towers import compiled_block_forward
 from ..trainable import load_trainable
 from .build import BuiltModel, build_for_training, checkpoint_meta, preprocess_from_config
 from .checkpoint import RESUME_NAME, load_resume, read_checkpoint, save_checkpoint, save_resume
@@ -426,10 +426,17 @@ class Trainer:
 
 
 def compile_blocks(model: nn.Module) -> None:
-    """torch.compile every transformer block in place (open_clip's blocks share one compiled graph)."""
-    for module in model.modules():
-        if isinstance(module, (ResidualAttentionBlock, CustomResidualAttentionBlock)):
-            module.compile()
+    """Run the model's transformer blocks through ``torch.compile``.
+
+    One compiled block serves every block, but a run needs a graph per tower width, grad mode and batch
+    shape (student, teacher, text tower, evaluation): more than dynamo's default of 8, after which it
+    would silently fall back to eager."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), 64))
+    model.block_pass = compiled_block_forward()
 
 
 def model_settings(cfg: Config) -> dict[str, Any]:

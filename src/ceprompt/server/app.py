@@ -146,7 +146,7 @@ def resolve_checkpoint(checkpoint: str | None, progress: bool = True) -> str:
 
 def serve(checkpoint: str | None, host: str = "127.0.0.1", port: int = 8000, max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
           device: str = "auto", allow_origins: list[str] | tuple[str, ...] = (),
-          allow_hosts: list[str] | tuple[str, ...] = ()) -> None:
+          allow_hosts: list[str] | tuple[str, ...] = (), precision: str = "auto", min_face: Any = None) -> None:
     try:
         import uvicorn
     except ImportError:
@@ -155,7 +155,8 @@ def serve(checkpoint: str | None, host: str = "127.0.0.1", port: int = 8000, max
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the model's notice is logged below, once
-        rec = load(resolve_checkpoint(checkpoint), device=device)
+        options = {} if min_face is None else {"min_face_size": min_face}
+        rec = load(resolve_checkpoint(checkpoint), device=device, precision=precision, **options)
     app = guarded(create_app(rec, max_upload_bytes), host, max_upload_bytes, allow_origins, allow_hosts)
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s: anyone who can reach this machine can use the model", host)

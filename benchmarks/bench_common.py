@@ -1,0 +1,77 @@
+"""What the speed benchmark's cases share: timing, autocast, the random models and batches."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ceprompt.cat import CATModel
+from ceprompt.clip_backbone import build_clip, get_arch
+from ceprompt.eva import EVAModel
+from ceprompt.head import HeadConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = ["surprise", "fear", "disgust", "happy", "sad", "anger", "neutral"]
+PRECISIONS = ("fp32", "bf16")
+
+
+def autocast(device: str, precision: str):
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def sync(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def throughput(fn: Callable[[], None], images_per_call: int, calls: int, device: str = "cpu", warmup: int = 1) -> float:
+    """Images per second of the median call (shared machines drift; the median resists it)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(max(calls, 1)):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return images_per_call / statistics.median(times)
+
+
+def peak_memory_reset(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_gib(device: str) -> float | None:
+    if torch.device(device).type == "cuda":
+        return round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return None
+
+
+def head_for(arch: str) -> HeadConfig:
+    return HeadConfig(top_k=min(16, get_arch(arch).num_patches))
+
+
+def batch_for(arch: str, n: int, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    size = get_arch(arch).image_size
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(n, 3, size, size, generator=g).to(device)
+    labels = torch.randint(0, len(CLASSES), (n,), generator=g).to(device)
+    views = torch.arange(n, device=device) * 2  # each image its own repeatable view
+    return images, labels, views
+
+
+def stage1_model(arch: str, device: str, kd_weight: float = 1.0) -> EVAModel:
+    return EVAModel(build_clip(arch, seed=0), CLASSES, head=head_for(arch), kd_weight=kd_weight).to(device)
+
+
+def stage2_model(arch: str, device: str) -> CATModel:
+    depth = min(9, get_arch(arch).vision_layers, get_arch(arch).text_layers)
+    return CATModel(build_clip(arch, seed=0), CLASSES, head=head_for(arch), prompt_depth=depth).to(device)
+
+

@@ -1,0 +1,139 @@
+"""The verb-level cases of ``speed.py``: prediction, the web API, phone photos and the trainer."""
+
+from __future__ import annotations
+
+import csv
+import io
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from bench_common import CLASSES, PRECISIONS, throughput
+from ceprompt.api import Recognizer
+from ceprompt.clip_backbone import get_arch
+from ceprompt.data.transforms import preprocess_for
+from ceprompt.engine.build import LoadedModel
+
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def recognizer(model: torch.nn.Module, arch: str, device: str, precision: str) -> Recognizer:
+    pre = preprocess_for(get_arch(arch).image_size, *IMAGENET)
+    return Recognizer(LoadedModel(model, {}, Path("random"), pre, CLASSES), device=device, precision=precision)
+
+
+def astronaut() -> Image.Image:
+    try:
+        from skimage import data
+        return Image.fromarray(data.astronaut())
+    except ImportError:
+        return Image.new("RGB", (512, 512), (120, 100, 90))
+
+
+def predict_crops(model: torch.nn.Module, arch: str, n: int, device: str, precision: str) -> float:
+    """``predict_batch`` on ``n`` face crops (``detect="none"``), decoded images in, probabilities out."""
+    rec = recognizer(model, arch, device, precision)
+    size = get_arch(arch).image_size
+    crops = [astronaut().resize((size, size))] * n
+    return throughput(lambda: rec.predict_batch(crops, detect="none", batch_size=n), n, 2, device)
+
+
+def serve_requests(model: torch.nn.Module, arch: str, device: str, precision: str, steps: int) -> float:
+    """Requests per second of ``POST /api/predict?detect=none`` with one face crop (PNG) each, in process."""
+    from fastapi.testclient import TestClient
+
+    from ceprompt.server.app import create_app
+
+    size = get_arch(arch).image_size
+    buf = io.BytesIO()
+    astronaut().resize((size, size)).save(buf, format="PNG")
+    client = TestClient(create_app(recognizer(model, arch, device, precision)))
+
+    def request() -> None:
+        response = client.post("/api/predict?detect=none", files={"file": ("face.png", buf.getvalue(), "image/png")})
+        assert response.status_code == 200, response.text
+    return throughput(request, 1, 3 * steps, device)
+
+
+def timed(fn, repeats: int = 3) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def phone_photo(model: torch.nn.Module, arch: str, device: str) -> dict[str, float]:
+    """A 4032 x 3024 JPEG with one 360 px face: ``rec.predict(path)`` (auto precision) against its decode plus
+    the model on one crop, and detection against MTCNN on the full image (what ceprompt 0.2 ran)."""
+    from ceprompt.images import open_image
+
+    rec = recognizer(model, arch, device, "auto")
+    canvas = Image.new("RGB", (4032, 3024), (90, 110, 100))
+    canvas.paste(astronaut().resize((2048, 2048), Image.BICUBIC), (1000, 500))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "phone.jpg"
+        canvas.save(path, quality=92)
+        try:
+            rec.predict(path)  # loads MTCNN
+        except Exception as exc:  # facenet-pytorch not installed
+            return {"skipped": str(exc).splitlines()[0][:80]}
+        image = open_image(path)
+        crop = rec.find_faces(image)[0][1]
+        out = {"predict s": timed(lambda: rec.predict(path)), "decode s": timed(lambda: open_image(path)),
+               "detect s": timed(lambda: rec.detector.detect(image)),
+               "one face s": timed(lambda: rec.predict_batch([crop], detect="none"))}
+    from facenet_pytorch import MTCNN
+
+    full = MTCNN(keep_all=True, min_face_size=20, post_process=False, device=device)
+    out["full-image MTCNN s"] = timed(lambda: full.detect(image), repeats=1)
+    return out
+
+
+def small_photos(model: torch.nn.Module, arch: str, device: str) -> float | str:
+    rec = recognizer(model, arch, device, "auto")
+    photos = [astronaut(), astronaut().transpose(Image.Transpose.FLIP_LEFT_RIGHT)]
+    try:
+        return throughput(lambda: rec.predict_batch(photos), len(photos), 2, device)
+    except Exception as exc:  # facenet-pytorch not installed
+        return f"skipped ({str(exc).splitlines()[0][:80]})"
+
+
+def trainer_epochs(arch: str, batch: int, device: str, precisions: tuple[str, ...] = PRECISIONS,
+                   torchrun: bool = False) -> dict[str, float]:
+    """Epoch 2's training img/s of ``ceprompt train`` (a subprocess each) on generated faces (two batches), both
+    stages; stage 2 starts from the stage-1 run of the same precision. Epoch 1 pays one-off costs."""
+    size = get_arch(arch).image_size
+    out: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        n_train = 2 * batch
+        subprocess.run([sys.executable, "-m", "ceprompt", "make-demo-data", str(work / "data"), "--n-train",
+                        str(n_train), "--n-test", str(batch), "--size", str(size)], check=True, capture_output=True)
+        for precision in precisions:
+            for stage, config in (("stage-1", "rafdb_stage1"), ("stage-2", "rafdb_stage2")):
+                name = f"{stage}-{precision}"
+                sets = [f"backbone.arch={arch}", "backbone.path=null", f"data.root={work / 'data'}",
+                        "optim.epochs=2", f"optim.batch_size={batch}", "optim.warmup_epochs=0",
+                        "run.final_eval=false", "run.eval_every=100", f"run.device={device}",
+                        f"data.workers={8 if device.startswith('cuda') else 2}",
+                        f"cat.prompt_depth={min(9, get_arch(arch).vision_layers)}"]
+                cmd = ["-m", "ceprompt", "train", "--config", config, "--no-progress", "--precision", precision,
+                       "--output-dir", str(work), "--name", name, *[a for s in sets for a in ("--set", s)]]
+                if stage == "stage-2":
+                    cmd += ["--init", str(work / f"stage-1-{precision}")]
+                launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"] \
+                    if torchrun else [sys.executable]
+                proc = subprocess.run(launcher + cmd, capture_output=True, text=True)
+                if proc.returncode:
+                    raise RuntimeError(f"ceprompt train ({name}) failed:\n{proc.stderr[-3000:]}")
+                with open(work / name / "summary.csv", newline="") as fh:
+                    out[f"{stage} {precision}"] = float(list(csv.DictReader(fh))[-1]["train_images_per_second"])
+    return out
