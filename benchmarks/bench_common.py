@@ -42,6 +42,23 @@ def throughput(fn: Callable[[], None], images_per_call: int, calls: int, device:
     return images_per_call / statistics.median(times)
 
 
+def interleaved(cases: dict[str, tuple[Callable[[], None], int]], rounds: int, device: str = "cpu") -> dict[str, float]:
+    """Images per second of each case, ``{name: (call, images per call)}``: each is warmed up once, then the
+    cases take turns for ``rounds`` rounds and the median call counts. Taking turns makes a shared machine's
+    drift hit every case alike, so the ratios between them hold even when the absolute figures move."""
+    for fn, _ in cases.values():
+        fn()
+    sync(device)
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(max(rounds, 1)):
+        for name, (fn, _) in cases.items():
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: images / statistics.median(times[name]) for name, (_, images) in cases.items()}
+
+
 def peak_memory_reset(device: str) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats()

@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench_common import (CLASSES, PRECISIONS, ROOT, autocast, batch_for, head_for, peak_memory_gib,
+from bench_common import (CLASSES, PRECISIONS, ROOT, autocast, batch_for, head_for, interleaved, peak_memory_gib,
                           peak_memory_reset, stage1_model, stage2_model, throughput)
 from ceprompt.clip_backbone import build_clip, tokenize
 from ceprompt.engine.runtime import auto_precision
@@ -51,23 +51,25 @@ from ceprompt.towers import run_blocks, vision_embed, vision_project
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
 
 def bare_tower(arch: str, n: int, steps: int, device: str) -> dict[str, float]:
-    """open_clip's own ``encode_image`` (weights trainable, as open_clip builds them)."""
+    """open_clip's own ``encode_image`` (weights trainable, as open_clip builds them); at batch 1, three images
+    one after the other per call."""
     clip = build_clip(arch, seed=0).to(device).eval()
-    out = {}
-    for batch in (n, 1):
+    cases = {}
+    for batch, repeat in ((n, 1), (1, 3)):
         images = batch_for(arch, batch, device)[0]
         for precision in PRECISIONS:
-            def run() -> None:
+            def run(precision: str = precision, images: torch.Tensor = images, repeat: int = repeat) -> None:
                 with torch.no_grad(), autocast(device, precision):
-                    clip.encode_image(images)
-            name = precision if batch == n else f"{precision} batch 1"
-            out[name] = throughput(run, batch, steps if batch > 1 else 3 * steps, device)
-    return out
+                    for _ in range(repeat):
+                        clip.encode_image(images)
+            cases[precision if batch == n else f"{precision} batch 1"] = (run, batch * repeat)
+    return interleaved(cases, steps + 1, device)
 
 
-def train_step(stage: str, arch: str, n: int, steps: int, device: str, precision: str, teacher_cache: bool = True,
-               compiled: bool = False) -> tuple[float, float | None]:
-    """(img/s, peak GPU memory in GiB or None) of an optimiser step, set up as the trainer sets it up."""
+def train_steps(stage: str, arch: str, n: int, steps: int, device: str, precisions: tuple[str, ...] = PRECISIONS,
+                teacher_cache: bool = True, compiled: bool = False) -> dict[str, float]:
+    """img/s of an optimiser step per precision (taking turns), set up as the trainer sets it up; on a GPU also
+    ``"<precision> peak GiB"``, the step's peak memory."""
     if stage == "stage-1":
         model = stage1_model(arch, device).train()
         if teacher_cache:
@@ -81,16 +83,22 @@ def train_step(stage: str, arch: str, n: int, steps: int, device: str, precision
         compile_blocks(model)
     images, labels, views = batch_for(arch, n, device)
 
-    def step() -> None:
+    def step(precision: str) -> None:
         with autocast(device, precision):
             out = model(images, labels, views=views if teacher_cache else None)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         opt.step()
-    step()  # compiles, fills the teacher cache
-    peak_memory_reset(device)
-    rate = throughput(step, n, steps, device)
-    return rate, peak_memory_gib(device)
+    out: dict[str, float] = {}
+    for precision in precisions:  # compiles, fills the teacher cache, measures the peak
+        step(precision)
+        peak_memory_reset(device)
+        step(precision)
+        peak = peak_memory_gib(device)
+        if peak is not None:
+            out[f"{precision} peak GiB"] = peak
+    rates = interleaved({p: (lambda p=p: step(p), n) for p in precisions}, steps, device)
+    return {**rates, **out}
 
 
 def naive_stage1_step(arch: str, n: int, steps: int, device: str) -> float:
@@ -136,19 +144,20 @@ def naive_text_features(model: torch.nn.Module) -> torch.Tensor:
     return F.normalize(eot @ clip.text_projection, dim=-1)
 
 
-def evaluation(model: torch.nn.Module, arch: str, n: int, passes: int, device: str, precision: str,
-               naive: bool = False) -> float:
-    """A pass over 4 batches, timed ``passes`` times. ceprompt encodes the class text once per pass
-    (stage 1: once per run, cached); the naive loop encodes it in full for every batch."""
+def evaluations(model: torch.nn.Module, arch: str, n: int, passes: int, device: str) -> dict[str, float]:
+    """A pass over 4 batches in fp32, bf16 and the naive fp32 loop, taking turns. ceprompt encodes the class
+    text once per pass (stage 1: once per run, cached); the naive loop encodes it in full for every batch."""
     model = model.eval()
     images = batch_for(arch, n, device)[0]
 
-    def one_pass() -> None:
+    def one_pass(precision: str, naive: bool) -> None:
         with torch.no_grad(), autocast(device, precision):
             text = None if naive else model.class_text_features()
             for _ in range(4):
                 model(images, text_features=naive_text_features(model) if naive else text)
-    return throughput(one_pass, n * 4, passes, device, warmup=1)
+    cases = {p: (lambda p=p: one_pass(p, False), 4 * n) for p in PRECISIONS}
+    cases["naive fp32"] = (lambda: one_pass("fp32", True), 4 * n)
+    return interleaved(cases, passes, device)
 
 
 def resident_mib(field: str) -> float:
@@ -222,21 +231,17 @@ def run_arch(arch: str, n: int, steps: int, device: str, args: argparse.Namespac
     print(f"{arch} (batch {n}, {steps} timed steps, {device}, {torch.get_num_threads()} threads)", flush=True)
     show("bare tower img/s", bare_tower(arch, n, steps, device))
     for stage in ("stage-1", "stage-2"):
-        show(f"{stage} step img/s", {p: train_step(stage, arch, n, steps, device, p)[0] for p in PRECISIONS})
-        if device.startswith("cuda"):
-            show(f"{stage} step peak GiB (bf16)", {"bf16": train_step(stage, arch, n, 1, device, "bf16")[1]})
-    show("stage-1 step img/s, teacher cache cold", {"fp32": train_step("stage-1", arch, n, steps, device, "fp32",
-                                                                        teacher_cache=False)[0]})
+        show(f"{stage} step img/s", train_steps(stage, arch, n, steps, device))
+    show("stage-1 step img/s, teacher cache cold", train_steps("stage-1", arch, n, steps, device, ("fp32",),
+                                                              teacher_cache=False))
     show("naive stage-1 step img/s", {"fp32": naive_stage1_step(arch, n, steps, device)})
     for stage, build in (("stage-1", lambda: stage1_model(arch, device, kd_weight=0.0)),
                          ("stage-2", lambda: stage2_model(arch, device))):
         model = build()
-        show(f"{stage} eval img/s", {p: evaluation(model, arch, n, steps, device, p) for p in PRECISIONS})
-        show(f"naive {stage} eval img/s", {"fp32": evaluation(model, arch, n, steps, device, "fp32", naive=True)})
-        show(f"{stage} predict img/s", {p: verbs.predict_crops(model, arch, n, device, p) for p in PRECISIONS})
+        show(f"{stage} eval img/s", evaluations(model, arch, n, steps, device))
+        show(f"{stage} predict img/s", verbs.predict_crops(model, arch, n, device, steps))
         if stage == "stage-2":
-            show("stage-2 serve img/s (batch 1)", {p: verbs.serve_requests(model, arch, device, p, steps)
-                                                   for p in PRECISIONS})
+            show("stage-2 serve img/s (batch 1)", verbs.serve_requests(model, arch, device, steps))
             show("12 MP photo, one face", verbs.phone_photo(model, arch, device))
             show("512 px photos, MTCNN img/s", verbs.small_photos(model, arch, device))
     slow_cases = ("bf16",) if args.gpu else PRECISIONS  # the GPU table must fit in 8 minutes
@@ -268,7 +273,7 @@ def ratios(r: dict) -> dict[str, float]:
         for p in PRECISIONS:
             out[f"{stage} eval / bare tower ({p})"] = ev[p] / bare[p]
             out[f"{stage} predict / bare tower ({p})"] = pr[p] / bare[p]
-        out[f"{stage} eval ours/naive (fp32)"] = ev["fp32"] / r[f"naive {stage} eval img/s"]["fp32"]
+        out[f"{stage} eval ours/naive (fp32)"] = ev["fp32"] / ev["naive fp32"]
     out["stage-1 step ours/naive (fp32)"] = r["stage-1 step img/s"]["fp32"] / r["naive stage-1 step img/s"]["fp32"]
     out["stage-1 step ours bf16 / naive fp32"] = r["stage-1 step img/s"]["bf16"] / r["naive stage-1 step img/s"]["fp32"]
     serve = r["stage-2 serve img/s (batch 1)"]
@@ -300,8 +305,8 @@ def main() -> None:
         return
     if len(sys.argv) > 1 and sys.argv[1] == "--step-case":
         stage, arch, n, steps, device, precision, compiled = sys.argv[2:9]
-        rate, peak = train_step(stage, arch, int(n), int(steps), device, precision, compiled=compiled == "1")
-        print(json.dumps({"images_per_second": rate, "peak_gib": peak}))
+        result = train_steps(stage, arch, int(n), int(steps), device, (precision,), compiled=compiled == "1")
+        print(json.dumps({"images_per_second": result[precision], "peak_gib": result.get(f"{precision} peak GiB")}))
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--archs", nargs="+", default=["tiny-vit", "ViT-B-16"])

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from bench_common import CLASSES, PRECISIONS, throughput
+from bench_common import CLASSES, PRECISIONS, interleaved, throughput
 from ceprompt.api import Recognizer
 from ceprompt.clip_backbone import get_arch
 from ceprompt.data.transforms import preprocess_for
@@ -36,16 +36,21 @@ def astronaut() -> Image.Image:
         return Image.new("RGB", (512, 512), (120, 100, 90))
 
 
-def predict_crops(model: torch.nn.Module, arch: str, n: int, device: str, precision: str) -> float:
-    """``predict_batch`` on ``n`` face crops (``detect="none"``), decoded images in, probabilities out."""
-    rec = recognizer(model, arch, device, precision)
+def predict_crops(model: torch.nn.Module, arch: str, n: int, device: str, rounds: int) -> dict[str, float]:
+    """``predict_batch`` on ``n`` face crops (``detect="none"``), decoded images in, probabilities out; fp32 and
+    bf16 taking turns."""
     size = get_arch(arch).image_size
     crops = [astronaut().resize((size, size))] * n
-    return throughput(lambda: rec.predict_batch(crops, detect="none", batch_size=n), n, 2, device)
+    cases = {}
+    for precision in PRECISIONS:
+        rec = recognizer(model, arch, device, precision)
+        cases[precision] = (lambda rec=rec: rec.predict_batch(crops, detect="none", batch_size=n), n)
+    return interleaved(cases, rounds, device)
 
 
-def serve_requests(model: torch.nn.Module, arch: str, device: str, precision: str, steps: int) -> float:
-    """Requests per second of ``POST /api/predict?detect=none`` with one face crop (PNG) each, in process."""
+def serve_requests(model: torch.nn.Module, arch: str, device: str, rounds: int) -> dict[str, float]:
+    """Requests per second of ``POST /api/predict?detect=none`` with one face crop (PNG) each, in process, three
+    requests per call; fp32 and bf16 taking turns."""
     from fastapi.testclient import TestClient
 
     from ceprompt.server.app import create_app
@@ -53,12 +58,17 @@ def serve_requests(model: torch.nn.Module, arch: str, device: str, precision: st
     size = get_arch(arch).image_size
     buf = io.BytesIO()
     astronaut().resize((size, size)).save(buf, format="PNG")
-    client = TestClient(create_app(recognizer(model, arch, device, precision)))
+    cases = {}
+    for precision in PRECISIONS:
+        client = TestClient(create_app(recognizer(model, arch, device, precision)))
 
-    def request() -> None:
-        response = client.post("/api/predict?detect=none", files={"file": ("face.png", buf.getvalue(), "image/png")})
-        assert response.status_code == 200, response.text
-    return throughput(request, 1, 3 * steps, device)
+        def requests(client: TestClient = client) -> None:
+            for _ in range(3):
+                response = client.post("/api/predict?detect=none",
+                                       files={"file": ("face.png", buf.getvalue(), "image/png")})
+                assert response.status_code == 200, response.text
+        cases[precision] = (requests, 3)
+    return interleaved(cases, rounds + 1, device)
 
 
 def timed(fn, repeats: int = 3) -> float:
