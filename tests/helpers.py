@@ -58,14 +58,15 @@ def write_folder_dataset(root: Path, classes: list[str], n_train: int = 3, n_tes
     return root
 
 
-def train_tiny_runs(root: Path, n_train: int = 2, epochs: int = 1) -> dict[str, Path]:
-    """A stage-1 and a stage-2 run of the tiny CLIP on generated RAF-DB-layout data (seconds on a CPU)."""
+def train_tiny_runs(root: Path, n_train: int = 2, epochs: int = 1, threads: int = 0) -> dict[str, Path]:
+    """A stage-1 and a stage-2 run of the tiny CLIP on generated RAF-DB-layout data (seconds on a CPU).
+    ``threads``: fixed, for the same weights whatever the machine's load (0: chosen from the load)."""
     from ceprompt.cli import main
 
     data = write_three_file_dataset(root / "RAF-DB", "rafdb", n_train=n_train, n_test=1)
     common = ["backbone.arch=tiny-vit", f"data.root={data}", "data.workers=0", f"optim.epochs={epochs}",
               "optim.batch_size=7", "optim.warmup_epochs=0", f"run.output_dir={root}", "run.device=cpu",
-              "run.progress=false", "head.top_k=4", "cat.prompt_depth=3"]
+              "run.progress=false", "head.top_k=4", "cat.prompt_depth=3", f"run.threads={threads}"]
 
     def sets(extra: list[str]) -> list[str]:
         return [a for s in common + extra for a in ("--set", s)]

@@ -91,13 +91,41 @@ def test_missing_index_file(tmp_path: Path) -> None:
 
 def test_train_sampler_shards_and_balances() -> None:
     labels = [0] * 90 + [1] * 10
-    shards = [list(TrainSampler(labels, world=2, rank=r, seed=5)) for r in range(2)]
+    draws = [list(TrainSampler(labels, world=2, rank=r, seed=5)) for r in range(2)]
+    shards = [[i for i, _ in d] for d in draws]
     assert sorted(shards[0] + shards[1]) == list(range(100))  # a permutation split in two
-    assert list(TrainSampler(labels, world=2, rank=0, seed=5)) == shards[0]  # reproducible per (seed, epoch)
+    assert len({seed for d in draws for _, seed in d}) == 100  # every draw its own augmentation seed
+    assert list(TrainSampler(labels, world=2, rank=0, seed=5)) == draws[0]  # reproducible per (seed, epoch)
     s = TrainSampler(labels, world=2, rank=0, seed=5)
     s.set_epoch(1)
-    assert list(s) != shards[0]
+    assert [i for i, _ in s] != shards[0]
     balanced = TrainSampler(labels * 20, balanced=True, seed=0)
-    counts = Counter((labels * 20)[i] for i in balanced)
+    counts = Counter((labels * 20)[i] for i, _ in balanced)
     assert 0.4 < counts[1] / len(balanced) < 0.6  # the 10% class drawn about half the time
     assert sorted(i for r in range(3) for i in ShardSampler(10, 3, r)) == list(range(10))
+
+
+def test_augmentation_follows_the_draw_not_the_loader_process(tmp_path: Path) -> None:
+    """The same draws give the same augmented batches with 0 or 2 loader processes, kept for the run or not."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from ceprompt.data.datasets import FERDataset
+    from ceprompt.data.transforms import preprocess_for, train_augment
+
+    root = write_three_file_dataset(tmp_path / "aff", "affectnet7", 2, 1, size=32)
+    pre = preprocess_for(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    data = FERDataset(load_splits("affectnet7", root).train, pre.resize(), train_augment("affectnet", pre))
+    sampler = TrainSampler(data.labels, seed=3)
+
+    def epochs(workers: int) -> list[torch.Tensor]:
+        loader = DataLoader(data, batch_size=5, sampler=sampler, num_workers=workers,
+                            persistent_workers=workers > 0, generator=torch.Generator().manual_seed(workers))
+        out = []
+        for epoch in range(2):
+            sampler.set_epoch(epoch)
+            out += [images for images, *_ in loader]
+        return out
+    alone, helped = epochs(0), epochs(2)
+    assert all(torch.equal(a, b) for a, b in zip(alone, helped)) and len(alone) == 6
+    assert not torch.equal(alone[0], alone[3])  # another epoch, other augmentations

@@ -256,8 +256,16 @@ class FERDataset(Dataset):
     def labels(self) -> list[int]:
         return [s.label for s in self.samples]
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int, int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int, int, int]:
+        """``key``: a sample index, or (index, draw seed) from :class:`~ceprompt.data.samplers.TrainSampler`, whose
+        seed alone decides the random augmentation (not the loader process's random state)."""
+        index, seed = key if isinstance(key, tuple) else (key, None)
         sample = self.samples[index]
         image = self.cache[index] if self.cache is not None else self.resize(open_image(sample.path))
-        tensor, view = self.augment(image)
+        if seed is None:
+            tensor, view = self.augment(image)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                tensor, view = self.augment(image)
         return tensor, sample.label, index, 2 * index + view if view >= 0 else -1

@@ -2,7 +2,10 @@
 
 Training shuffles (or, for AffectNet, draws classes equally with replacement) from a generator
 seeded by ``seed + epoch``, identical on every process, and each process takes every
-``world``-th index. A resumed run therefore sees exactly the batches it would have seen.
+``world``-th index. Each draw also carries its own seed, from (seed, epoch, position in the epoch), which
+seeds that image's random augmentation wherever it is loaded: a resumed run sees exactly the batches and
+augmentations it would have seen, whatever the number of loader processes, and loader processes can live for
+the whole run.
 """
 
 from __future__ import annotations
@@ -15,7 +18,14 @@ import torch
 from torch.utils.data import Sampler
 
 
-class TrainSampler(Sampler[int]):
+def draw_seed(seed: int, epoch: int, position: int) -> int:
+    """The seed of one draw of an epoch: distinct for every (seed, epoch, position)."""
+    return ((seed * 1_000_003 + epoch) * 1_000_000_007 + position) % 2**63
+
+
+class TrainSampler(Sampler[tuple[int, int]]):
+    """Yields ``(sample index, draw seed)`` pairs; :class:`~ceprompt.data.datasets.FERDataset` takes both."""
+
     def __init__(self, labels: Sequence[int], balanced: bool = False, world: int = 1, rank: int = 0,
                  seed: int = 0) -> None:
         self.labels = list(labels)
@@ -31,7 +41,7 @@ class TrainSampler(Sampler[int]):
     def __len__(self) -> int:
         return self.per_rank
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[tuple[int, int]]:
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         total = self.per_rank * self.world
         if self.balanced:
@@ -39,7 +49,8 @@ class TrainSampler(Sampler[int]):
         else:
             order = torch.randperm(len(self.labels), generator=g).tolist()
             order += order[: total - len(order)]  # pad so every process gets the same count
-        return iter(order[self.rank::self.world])
+        return iter([(index, draw_seed(self.seed, self.epoch, position))
+                     for position, index in enumerate(order)][self.rank::self.world])
 
 
 class ShardSampler(Sampler[int]):

@@ -39,9 +39,18 @@ def reraise_worker_error(exc: Exception) -> None:
     raise exc
 
 
+def eval_loader(dataset: FERDataset, rt: Runtime, batch_size: int, workers: int, persistent: bool = False) -> DataLoader:
+    """This process's share of ``dataset``, in order. ``persistent``: the loader processes live as long as the
+    loader (a trainer evaluates every epoch; starting them again each time costs seconds)."""
+    n_workers = usable_workers(workers)
+    return DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), rt.world, rt.rank),
+                      num_workers=n_workers, pin_memory=rt.device.type == "cuda",
+                      persistent_workers=persistent and n_workers > 0)
+
+
 @torch.no_grad()
 def dataset_scores(model: nn.Module, dataset: FERDataset, rt: Runtime, batch_size: int, workers: int,
-                   progress: bool = True, desc: str = "eval") -> np.ndarray:
+                   progress: bool = True, desc: str = "eval", loader: DataLoader | None = None) -> np.ndarray:
     """Head scores (n, C) for every sample, in dataset order, on every process.
 
     The class text embeddings are computed once for the whole pass, not per batch.
@@ -49,8 +58,7 @@ def dataset_scores(model: nn.Module, dataset: FERDataset, rt: Runtime, batch_siz
     net = unwrap(model)
     was_training = net.training
     net.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), rt.world, rt.rank),
-                        num_workers=usable_workers(workers), pin_memory=rt.device.type == "cuda")
+    loader = loader or eval_loader(dataset, rt, batch_size, workers)
     with rt.autocast():
         text = net.class_text_features()
     indices, scores = [], []
@@ -81,8 +89,8 @@ def dataset_scores(model: nn.Module, dataset: FERDataset, rt: Runtime, batch_siz
 
 
 def evaluate(model: nn.Module, dataset: FERDataset, class_names: Sequence[str], rt: Runtime, batch_size: int,
-             workers: int, progress: bool = True) -> tuple[dict[str, Any], np.ndarray]:
-    scores = dataset_scores(model, dataset, rt, batch_size, workers, progress)
+             workers: int, progress: bool = True, loader: DataLoader | None = None) -> tuple[dict[str, Any], np.ndarray]:
+    scores = dataset_scores(model, dataset, rt, batch_size, workers, progress, loader=loader)
     y_true = np.array(dataset.labels, dtype=np.int64)
     metrics = classification_metrics(y_true, scores.argmax(axis=1), class_names)
     return metrics, scores

@@ -40,7 +40,7 @@ from ..towers import compiled_block_forward
 from ..trainable import load_trainable
 from .build import BuiltModel, build_for_training, checkpoint_meta, preprocess_from_config
 from .checkpoint import RESUME_NAME, load_resume, read_checkpoint, save_checkpoint, save_resume
-from .evaluate import evaluate, format_metrics, reraise_worker_error, unwrap, write_report
+from .evaluate import eval_loader, evaluate, format_metrics, reraise_worker_error, unwrap, write_report
 from .runtime import Runtime, epoch_seed, seed_everything, setup_runtime, teardown_runtime, usable_workers
 from .schedule import apply_lr, lr_at
 
@@ -158,9 +158,14 @@ class Trainer:
         balanced = d.balanced_sampler if d.balanced_sampler is not None else default_balanced(d.dataset)
         self.sampler = TrainSampler(self.train_set.labels, balanced, rt.world, rt.rank, cfg.run.seed)
         self.generator = torch.Generator()
+        # Loader processes live for the whole run: each image's augmentation is seeded by its draw (the sampler),
+        # not by the process, so this changes no batch. Restarting them every epoch cost seconds an epoch (their
+        # start, and copy-on-write faults in this process while forked children shared its memory).
+        n_workers = usable_workers(d.workers)
         self.loader = DataLoader(self.train_set, batch_size=self.micro_batch, sampler=self.sampler,
-                                 num_workers=usable_workers(d.workers), pin_memory=rt.device.type == "cuda",
-                                 generator=self.generator, persistent_workers=False)
+                                 num_workers=n_workers, pin_memory=rt.device.type == "cuda",
+                                 generator=self.generator, persistent_workers=n_workers > 0)
+        self.test_loader = eval_loader(self.test_set, rt, self.micro_batch, d.workers, persistent=True)
         if cfg.stage == "eva" and cfg.run.teacher_cache and augment.kind in ("rafdb", "none"):
             self.model.enable_teacher_cache(2 * len(self.train_set))
         if cfg.run.compile:
@@ -178,6 +183,10 @@ class Trainer:
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.writer = None
         self.on_checkpoint: Callable[[], None] = lambda: None
+
+    def close(self) -> None:
+        """End the loader processes now (they live as long as their loaders), not whenever memory is collected."""
+        self.loader = self.test_loader = None  # type: ignore[assignment]
 
     def attach(self, run_dir: Path, resuming: bool) -> None:
         """Bind to the (created or resumed) run directory: space check, logs, restored state."""
@@ -371,7 +380,7 @@ class Trainer:
             metrics = None
             if (epoch + 1) % cfg.run.eval_every == 0 or epoch + 1 == epochs:
                 metrics, _ = evaluate(self.net, self.test_set, self.class_names, rt, self.micro_batch,
-                                      cfg.data.workers, cfg.run.progress)
+                                      cfg.data.workers, cfg.run.progress, loader=self.test_loader)
             if rt.is_main:
                 self._save(epoch, metrics)
                 self.on_checkpoint()
@@ -413,7 +422,7 @@ class Trainer:
         tensors, meta, _ = read_checkpoint(chosen)
         load_trainable(self.model, tensors, str(chosen))
         metrics, scores = evaluate(self.net, self.test_set, self.class_names, self.rt, self.micro_batch,
-                                   self.cfg.data.workers, self.cfg.run.progress)
+                                   self.cfg.data.workers, self.cfg.run.progress, loader=self.test_loader)
         if self.rt.is_main:
             calibration = {**fit_temperature(scores, self.test_set.labels), "fit_on": "test split"}
             save_checkpoint(chosen, tensors, {**meta, "calibration": calibration})
@@ -493,7 +502,7 @@ def train(cfg: Config, resume: str | Path | None = None, overwrite: bool = False
     created or replaced; a replaced run disappears only once the new one has saved a checkpoint.
     """
     rt = setup_runtime(cfg.run.device, cfg.run.precision, cfg.run.deterministic)
-    handler, owned, lock = None, None, None
+    handler, owned, lock, trainer = None, None, None, None
     try:
         seed_everything(cfg.run.seed + rt.rank)
         owned, run_dir = _plan_run(cfg, rt, resume, overwrite)
@@ -530,4 +539,6 @@ def train(cfg: Config, resume: str | Path | None = None, overwrite: bool = False
             owned.close()
         if lock is not None:
             lock.release()
+        if trainer is not None:
+            trainer.close()
         teardown_runtime(rt)
