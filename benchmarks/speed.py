@@ -314,6 +314,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--busy", action="store_true", help="keep one core busy with another process")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="CPU threads (default: as every verb chooses them, from the cores other work leaves free)")
     parser.add_argument("--compile", action="store_true", help="also time the steps with run.compile")
     parser.add_argument("--no-trainer", dest="trainer", action="store_false", help="skip the trainer runs")
     parser.add_argument("--torchrun", action="store_true", help="run the trainer under torchrun (one process)")
@@ -332,7 +334,7 @@ def main() -> None:
         if neighbour:
             time.sleep(1.0)
         from ceprompt.threads import set_threads
-        set_threads()  # as every verb does: the cores other work leaves free
+        set_threads(args.threads or None)  # as every verb does: the cores other work leaves free
         report = {"machine": machine(args.device, args.busy), "batch": args.batch, "steps": args.steps,
                   "results": {}}
         for arch in args.archs:
