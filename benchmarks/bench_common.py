@@ -9,10 +9,10 @@ from typing import Callable
 
 import torch
 
-from ceprompt.cat import CATModel
-from ceprompt.clip_backbone import build_clip, get_arch
-from ceprompt.eva import EVAModel
-from ceprompt.head import HeadConfig
+from ceprompt.model.cat import CATModel
+from ceprompt.model.clip import build_clip, get_arch
+from ceprompt.model.eva import EVAModel
+from ceprompt.model.head import HeadConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["surprise", "fear", "disgust", "happy", "sad", "anger", "neutral"]

@@ -39,14 +39,27 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench_common import (CLASSES, PRECISIONS, ROOT, autocast, batch_for, head_for, interleaved, peak_memory_gib,
-                          peak_memory_reset, stage1_model, stage2_model, throughput)
-from ceprompt.clip_backbone import build_clip, tokenize
 from ceprompt.engine.runtime import auto_precision
-from ceprompt.eva import EVAModel
-from ceprompt.head import emotion_scores
-from ceprompt.prompts import DEFAULT_TEMPLATE, class_prompts
-from ceprompt.towers import run_blocks, vision_embed, vision_project
+from ceprompt.model.clip import build_clip, tokenize
+from ceprompt.model.eva import EVAModel
+from ceprompt.model.head import emotion_scores
+from ceprompt.model.prompts import DEFAULT_TEMPLATE, class_prompts
+from ceprompt.model.towers import run_blocks, vision_embed, vision_project
+
+from bench_common import (
+    CLASSES,
+    PRECISIONS,
+    ROOT,
+    autocast,
+    batch_for,
+    head_for,
+    interleaved,
+    peak_memory_gib,
+    peak_memory_reset,
+    stage1_model,
+    stage2_model,
+    throughput,
+)
 
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
 
@@ -333,7 +346,7 @@ def main() -> None:
     try:
         if neighbour:
             time.sleep(1.0)
-        from ceprompt.threads import set_threads
+        from ceprompt.engine.threads import set_threads
         set_threads(args.threads or None)  # as every verb does: the cores other work leaves free
         report = {"machine": machine(args.device, args.busy), "batch": args.batch, "steps": args.steps,
                   "results": {}}

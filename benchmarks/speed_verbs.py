@@ -14,11 +14,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from bench_common import CLASSES, PRECISIONS, interleaved, throughput
 from ceprompt.api import Recognizer
-from ceprompt.clip_backbone import get_arch
 from ceprompt.data.transforms import preprocess_for
-from ceprompt.engine.build import LoadedModel
+from ceprompt.model.clip import get_arch
+from ceprompt.weights.build import LoadedModel
+
+from bench_common import CLASSES, PRECISIONS, interleaved, throughput
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
@@ -83,7 +84,7 @@ def timed(fn, repeats: int = 3) -> float:
 def phone_photo(model: torch.nn.Module, arch: str, device: str) -> dict[str, float]:
     """A 4032 x 3024 JPEG with one 360 px face: ``rec.predict(path)`` (auto precision) against its decode plus
     the model on one crop, and detection against MTCNN on the full image (what ceprompt 0.2 ran)."""
-    from ceprompt.images import open_image
+    from ceprompt.data.images import open_image
 
     rec = recognizer(model, arch, device, "auto")
     canvas = Image.new("RGB", (4032, 3024), (90, 110, 100))

@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PRETRAIN = """
 import sys, time
-from ceprompt.threads import set_threads
+from ceprompt.engine.threads import set_threads
 threads = set_threads(int(sys.argv[1]) or None)
 from ceprompt.demo.pretrain import PretrainSettings, pretrain_clip
 settings = PretrainSettings(steps=40, pairs=600)
@@ -62,7 +62,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "threads.json"))
     args = parser.parse_args()
-    from ceprompt.threads import usable_cpus
+    from ceprompt.engine.threads import usable_cpus
 
     cores = usable_cpus()
     settings = {"default": 0, "1 thread": 1, f"{cores} threads (all cores)": cores}

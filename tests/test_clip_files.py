@@ -14,9 +14,9 @@ from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 from safetensors.torch import save_file
 
 from ceprompt.cli import main
-from ceprompt.clip_backbone import tokenize
-from ceprompt.clip_files import convert_clip, detect_format, load_clip
-from ceprompt.errors import CheckpointError
+from ceprompt.core.errors import CheckpointError
+from ceprompt.model.clip import tokenize
+from ceprompt.weights.clip_files import detect_format, load_clip
 
 PROMPTS = [
     "a photo of a happy facial expression, a type of facial expression.",

@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ceprompt.config import CONFIG_DIR, Config, config_from_dict, dump_config, load_config
-from ceprompt.errors import ConfigError
-
+from ceprompt.core.config import CONFIG_DIR, Config, config_from_dict, dump_config, load_config
+from ceprompt.core.errors import ConfigError
 
 PAPER_CONFIGS = sorted(p for p in CONFIG_DIR.glob("*.yaml") if not p.stem.startswith("demo_"))
 
@@ -77,7 +76,7 @@ def test_bad_overrides(override: str, message: str) -> None:
 
 
 def test_every_numeric_field_has_a_range() -> None:
-    from ceprompt.config import RANGES, _numeric_fields
+    from ceprompt.core.config import RANGES, _numeric_fields
 
     assert {name for name, _ in _numeric_fields(Config())} == set(RANGES)
 

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from ceprompt.core.errors import DataError
 from ceprompt.data.datasets import LAYOUTS, load_splits
 from ceprompt.data.samplers import ShardSampler, TrainSampler
-from ceprompt.errors import DataError
+
 from helpers import write_folder_dataset, write_three_file_dataset
 
 

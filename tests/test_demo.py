@@ -11,6 +11,7 @@ from PIL import Image
 from ceprompt.cli import main
 from ceprompt.data.datasets import RAFDB_CLASSES, load_splits
 from ceprompt.demo.faces import generate, write_rafdb_dataset
+
 from helpers import precision_agreement
 
 
@@ -60,8 +61,8 @@ def test_quick_demo_learns_beyond_zero_shot(tmp_path: Path, monkeypatch) -> None
 
 
 def test_several_seeds_are_reported_as_mean_and_std() -> None:
-    from ceprompt.demo.report import results_markdown
-    from ceprompt.demo.run import _row, format_table
+    from ceprompt.demo.report import format_table, results_markdown
+    from ceprompt.demo.report import seed_row as _row
 
     rows = [_row("zero-shot CLIP", [{"accuracy": 0.1, "macro_f1": 0.05}]),
             _row("after stage 1 (EVA)", [{"accuracy": a, "macro_f1": a - 0.1} for a in (0.6, 0.7, 0.8)])]

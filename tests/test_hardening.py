@@ -20,12 +20,13 @@ from safetensors.torch import load_file
 
 import ceprompt
 from ceprompt.cli import main
-from ceprompt.clip_backbone import build_clip, get_arch, tokenize
-from ceprompt.clip_files import load_clip, save_clip_safetensors
-from ceprompt.engine.checkpoint import read_checkpoint, save_checkpoint
-from ceprompt.errors import CheckpointError, TrainingError
-from ceprompt.io_utils import atomic_write
-from ceprompt.owned_dirs import MARKER, DirLock
+from ceprompt.core.errors import CheckpointError, TrainingError
+from ceprompt.core.io_utils import atomic_write
+from ceprompt.core.owned_dirs import MARKER
+from ceprompt.model.clip import build_clip, get_arch, tokenize
+from ceprompt.weights.checkpoint import read_checkpoint, save_checkpoint
+from ceprompt.weights.clip_files import load_clip, save_clip_safetensors
+
 from helpers import write_three_file_dataset
 
 
@@ -163,7 +164,7 @@ def test_recorded_backbone_is_verified_and_found_beside_the_checkpoint(tmp_path:
 
 
 def test_verified_hashes_are_cached_by_size_and_mtime(tmp_path: Path, data: Path, monkeypatch) -> None:
-    import ceprompt.io_utils as io_utils
+    import ceprompt.core.io_utils as io_utils
 
     monkeypatch.setenv("CEPROMPT_CACHE", str(tmp_path / "cache"))
     clip = tmp_path / "clip.safetensors"
@@ -201,7 +202,7 @@ def test_overwrite_never_deletes_what_ceprompt_did_not_create(tmp_path: Path, da
 
 def test_overwrite_replaces_a_run_only_once_the_new_one_has_a_checkpoint(tmp_path: Path, data: Path, capsys,
                                                                           monkeypatch) -> None:
-    import ceprompt.eva
+    import ceprompt.model.eva
 
     assert main(["train", *tiny_args(tmp_path, data, "r")]) == 0
     run = tmp_path / "runs" / "r"
@@ -212,8 +213,8 @@ def test_overwrite_replaces_a_run_only_once_the_new_one_has_a_checkpoint(tmp_pat
     assert "dataset root folder not found" in capsys.readouterr().err
     assert snapshot(run) == before
     # a new run that fails in its first epoch: the old run is put back as it was
-    real = ceprompt.eva.emotion_scores
-    monkeypatch.setattr(ceprompt.eva, "emotion_scores", lambda *a: real(*a) * float("nan"))
+    real = ceprompt.model.eva.emotion_scores
+    monkeypatch.setattr(ceprompt.model.eva, "emotion_scores", lambda *a: real(*a) * float("nan"))
     assert main(["train", *tiny_args(tmp_path, data, "r"), "--overwrite"]) == 1
     assert snapshot(run) == before and not [p for p in run.parent.iterdir() if "replaced" in p.name]
     monkeypatch.undo()
@@ -224,10 +225,10 @@ def test_overwrite_replaces_a_run_only_once_the_new_one_has_a_checkpoint(tmp_pat
 
 
 def test_a_failed_start_does_not_block_a_retry(tmp_path: Path, data: Path, capsys, monkeypatch) -> None:
-    import ceprompt.eva
+    import ceprompt.model.eva
 
-    real = ceprompt.eva.emotion_scores
-    monkeypatch.setattr(ceprompt.eva, "emotion_scores", lambda *a: real(*a) * float("nan"))
+    real = ceprompt.model.eva.emotion_scores
+    monkeypatch.setattr(ceprompt.model.eva, "emotion_scores", lambda *a: real(*a) * float("nan"))
     assert main(["train", *tiny_args(tmp_path, data, "f")]) == 1
     run = tmp_path / "runs" / "f"
     assert "training stopped: non-finite loss" in (run / "train.log").read_text()
@@ -244,7 +245,7 @@ def test_a_run_in_use_is_never_written_by_a_second_process(tmp_path: Path, data:
     run = tmp_path / "runs" / "busy"
     before = snapshot(run)
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
-                               "from ceprompt.owned_dirs import DirLock; held = DirLock(Path(sys.argv[1])).acquire(); "
+                               "from ceprompt.core.owned_dirs import DirLock; held = DirLock(Path(sys.argv[1])).acquire(); "
                                "print('locked', flush=True); time.sleep(60)", str(run)],
                               stdout=subprocess.PIPE, text=True)
     try:
@@ -326,7 +327,7 @@ def test_non_finite_weights_stop_training_and_are_never_saved(tmp_path: Path, da
 
 def test_onnx_check_is_nan_safe(tmp_path: Path, data: Path, capsys, monkeypatch) -> None:
     pytest.importorskip("onnxruntime")
-    import ceprompt.export_onnx as export_onnx
+    import ceprompt.verbs.export_onnx as export_onnx
 
     assert main(["train", *tiny_args(tmp_path, data, "o")]) == 0
     monkeypatch.setattr(export_onnx, "_check", lambda *a: {"max_abs_diff": float("nan"), "tolerance": 1e-4})

@@ -23,7 +23,8 @@ from safetensors.torch import load_file, save_file
 
 import ceprompt
 from ceprompt.cli import main
-from ceprompt.clip_backbone import build_clip
+from ceprompt.model.clip import build_clip
+
 from helpers import train_tiny_runs, write_three_file_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,8 +116,9 @@ def hub(tmp_path_factory) -> dict[str, Path]:
     save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(b16 / "open_clip_model.safetensors"))
     gelu = repos / "lab" / "tiny-gelu-clip"
     gelu.mkdir(parents=True)
-    from ceprompt.clip_backbone import get_arch
     import dataclasses
+
+    from ceprompt.model.clip import get_arch
 
     gelu_model = build_clip(dataclasses.replace(get_arch("tiny-vit"), quick_gelu=False), seed=1)
     save_file({k: v.contiguous() for k, v in gelu_model.state_dict().items()}, str(gelu / "open_clip_model.safetensors"))
@@ -148,7 +150,7 @@ def test_clip_names_resolve_offline_from_the_cache(hub, tmp_path: Path) -> None:
     assert meta["backbone"]["name"] == "ViT-B-16:openai"
     assert "models--timm--vit_base_patch16_clip_224.openai/snapshots" in meta["backbone"]["path"]
     # an hf-hub: open_clip repo records its activation (GELU here) in open_clip_config.json
-    code = ("import sys, torch; from ceprompt.engine.build import load_backbone; from ceprompt.config import "
+    code = ("import sys, torch; from ceprompt.weights.build import load_backbone; from ceprompt.core.config import "
             "BackboneConfig; b = load_backbone(BackboneConfig(path=sys.argv[1])); print(b.spec.quick_gelu); "
             "torch.save(b.clip.state_dict(), sys.argv[2])")
     out = subprocess.run([sys.executable, "-c", code, "hf-hub:lab/tiny-gelu-clip", str(tmp_path / "sd.pt")], env=env,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ceprompt.metrics import classification_metrics
+from ceprompt.engine.metrics import classification_metrics
 
 
 def test_metrics_by_hand() -> None:

@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ceprompt.cat import CATModel
-from ceprompt.clip_backbone import build_clip, tokenize
-from ceprompt.eva import EVAModel
-from ceprompt.head import HeadConfig, emotion_scores
-from ceprompt.towers import vision_embed
+from ceprompt.model.cat import CATModel
+from ceprompt.model.clip import build_clip, tokenize
+from ceprompt.model.eva import EVAModel
+from ceprompt.model.head import HeadConfig, emotion_scores
+from ceprompt.model.towers import vision_embed
 
 CLASSES = ["surprise", "fear", "disgust", "happy", "sad", "anger", "neutral"]
 

@@ -17,12 +17,13 @@ from PIL import Image
 
 import ceprompt
 from ceprompt.cli import main
-from ceprompt.clip_backbone import build_clip, get_arch, tokenize
-from ceprompt.clip_files import save_clip_safetensors
-from ceprompt.config import AUTHORS_PROMPT_NAMES
-from ceprompt.engine.build import load_trained
-from ceprompt.errors import CheckpointError
-from ceprompt.official import stage2_schema, vision_schema
+from ceprompt.core.config import AUTHORS_PROMPT_NAMES
+from ceprompt.core.errors import CheckpointError
+from ceprompt.model.clip import build_clip, get_arch, tokenize
+from ceprompt.weights.build import load_trained
+from ceprompt.weights.clip_files import save_clip_safetensors
+from ceprompt.weights.official import stage2_schema, vision_schema
+
 from helpers import write_three_file_dataset
 
 ARCH = "tiny-vit-12"  # 12 blocks per tower, so prompt depth 9 fits as in the paper

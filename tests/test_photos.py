@@ -18,7 +18,8 @@ from PIL import Image, ImageOps
 
 import ceprompt
 from ceprompt.cli import main
-from ceprompt.images import ImageError, open_image, probe_image
+from ceprompt.data.images import ImageError, open_image, probe_image
+
 from helpers import train_tiny_runs, write_three_file_dataset
 
 skimage_data = pytest.importorskip("skimage.data")

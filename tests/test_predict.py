@@ -14,7 +14,8 @@ from PIL import Image, ImageDraw
 
 import ceprompt
 from ceprompt.cli import main
-from ceprompt.faces import align_face
+from ceprompt.data.faces import align_face
+
 from helpers import train_tiny_runs
 
 skimage_data = pytest.importorskip("skimage.data")

@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 
 from ceprompt.cli import main
+from ceprompt.core.errors import DataError
 from ceprompt.data.datasets import load_splits
-from ceprompt.errors import DataError
-from ceprompt.prepare import prepare
+from ceprompt.data.prepare import prepare
+
 from helpers import class_image
 
 

@@ -18,10 +18,11 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from ceprompt.cli import main
-from ceprompt.config import load_config, parse_override
+from ceprompt.core.config import load_config, parse_override
+from ceprompt.core.errors import CheckpointError, ConfigError, DataError
 from ceprompt.data.three_files import Problems, read_index, read_pairs
-from ceprompt.engine.checkpoint import read_checkpoint
-from ceprompt.errors import CheckpointError, ConfigError, DataError
+from ceprompt.weights.checkpoint import read_checkpoint
+
 from helpers import write_three_file_dataset
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -144,7 +145,7 @@ def test_config_overrides_on_arbitrary_text(text: str) -> None:
 def test_config_values_of_any_type(tmp_path: Path, section: str, value) -> None:
     import yaml
 
-    from ceprompt.config import Config
+    from ceprompt.core.config import Config
 
     for key in getattr(Config(), section).__dict__:
         path = tmp_path / "c.yaml"
@@ -159,7 +160,7 @@ def test_config_values_of_any_type(tmp_path: Path, section: str, value) -> None:
 
 KILL_DURING_WRITE = """
 import os, pathlib, sys, time
-import ceprompt.io_utils as io_utils
+import ceprompt.core.io_utils as io_utils
 from ceprompt.cli import main
 real_replace, seen = os.replace, []
 def replace(src, dst):
@@ -199,14 +200,14 @@ def test_sigkill_during_checkpoint_write_keeps_previous_and_resumes(tmp_path: Pa
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path, data: Path, capsys,
                                                                monkeypatch) -> None:
-    import ceprompt.eva
+    import ceprompt.model.eva
 
     assert main(["train", *tiny_args(tmp_path, data, "nan", "optim.epochs=1")]) == 0
     run = tmp_path / "runs" / "nan"
     before = {p.name: p.read_bytes() for p in [*run.glob("checkpoints/*"), run / "resume.pt", run / "config.yaml"]}
     capsys.readouterr()
-    real = ceprompt.eva.emotion_scores
-    monkeypatch.setattr(ceprompt.eva, "emotion_scores", lambda *a: real(*a) * float("nan"))  # a diverged model
+    real = ceprompt.model.eva.emotion_scores
+    monkeypatch.setattr(ceprompt.model.eva, "emotion_scores", lambda *a: real(*a) * float("nan"))  # a diverged model
     assert main(["train", "--resume", str(run), "--set", "optim.epochs=3"]) == 1
     err = capsys.readouterr().err
     assert "non-finite loss at epoch 2, batch" in err and "optimiser step" in err
@@ -236,7 +237,7 @@ def test_unwritable_output_folder_is_reported_before_training(tmp_path: Path, da
 def test_full_disk_is_reported_before_training(tmp_path: Path, data: Path, capsys, monkeypatch) -> None:
     import shutil
 
-    from ceprompt.engine import train as train_module
+    from ceprompt.engine import run_dir as train_module
 
     monkeypatch.setattr(train_module.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 1 << 20))
     assert main(["train", *tiny_args(tmp_path, data, "full")]) == 1
@@ -269,9 +270,8 @@ def test_mismatched_checkpoints_are_refused(tmp_path: Path, data: Path, capsys) 
     run = tmp_path / "runs" / "s1"
     # another backbone for stage 2
     other = ["--set", "backbone.arch=tiny-vit-12", "--set", "backbone.seed=3"]
-    from ceprompt.clip_backbone import build_clip
-    from ceprompt.clip_files import save_clip_safetensors
-    from ceprompt.clip_backbone import get_arch
+    from ceprompt.model.clip import build_clip, get_arch
+    from ceprompt.weights.clip_files import save_clip_safetensors
 
     save_clip_safetensors(build_clip("tiny-vit-12", seed=3), get_arch("tiny-vit-12"), tmp_path / "other.safetensors")
     capsys.readouterr()
@@ -292,12 +292,12 @@ def test_mismatched_checkpoints_are_refused(tmp_path: Path, data: Path, capsys) 
     # weights that do not match their own description (e.g. edited by hand)
     weights = load_file(run / "checkpoints" / "best.safetensors")
     _, meta, _ = read_checkpoint(run)
-    from ceprompt.engine.checkpoint import save_checkpoint
+    from ceprompt.weights.checkpoint import save_checkpoint
 
     weights.pop(next(iter(weights)))
     save_checkpoint(tmp_path / "edited.safetensors", weights, meta)
     with pytest.raises(CheckpointError, match="saved weights do not match this model"):
-        from ceprompt.engine.build import load_trained
+        from ceprompt.weights.build import load_trained
 
         load_trained(tmp_path / "edited.safetensors")
     # plain CLIP weights given where a trained checkpoint is expected

@@ -188,8 +188,8 @@ def test_a_demo_model_says_so_in_the_api(runs, tmp_path: Path) -> None:
     from fastapi.testclient import TestClient
 
     import ceprompt
-    from ceprompt.engine.checkpoint import read_checkpoint, save_checkpoint
     from ceprompt.server.app import create_app, guarded
+    from ceprompt.weights.checkpoint import read_checkpoint, save_checkpoint
 
     tensors, meta, _ = read_checkpoint(runs["s1"])
     notice = "Demo model: it learned drawn faces only"
@@ -315,7 +315,7 @@ def test_api_pixel_limit_tiny_images_and_security_headers(server: str) -> None:
 def test_class_names_cannot_inject_script_into_the_page(runs, images: dict[str, bytes], tmp_path: Path) -> None:
     """Class names come from folder names and checkpoint files: the page must show them as text."""
     sync_api = pytest.importorskip("playwright.sync_api")
-    from ceprompt.engine.checkpoint import read_checkpoint, save_checkpoint
+    from ceprompt.weights.checkpoint import read_checkpoint, save_checkpoint
 
     tensors, meta, _ = read_checkpoint(runs["s1"])
     payload = "<img src=x onerror=\"document.title='pwned'\">"

@@ -11,14 +11,15 @@ import torch
 from PIL import Image
 
 import ceprompt
-import ceprompt.threads as threads
+import ceprompt.engine.threads as threads
 from ceprompt.cli import DEFAULT_MIN_FACE, main
-from ceprompt.clip_backbone import build_clip
+from ceprompt.core.errors import ConfigError
+from ceprompt.data.faces import DEFAULT_MIN_FACE as MIN_FACE_OBJECT
+from ceprompt.data.faces import FaceDetector, MinFace
 from ceprompt.engine import runtime
-from ceprompt.errors import ConfigError
-from ceprompt.faces import DEFAULT_MIN_FACE as MIN_FACE_OBJECT
-from ceprompt.faces import FaceDetector, MinFace
-from ceprompt.towers import block_forward, run_blocks
+from ceprompt.model.clip import build_clip
+from ceprompt.model.towers import block_forward, run_blocks
+
 from helpers import precision_agreement, train_tiny_runs
 
 CPU = torch.device("cpu")
@@ -69,7 +70,7 @@ def test_every_entry_point_uses_auto(runs, monkeypatch, capsys) -> None:
     assert ceprompt.load(runs["s2"], device="cpu", precision="fp32").precision == "fp32"
     fake_cpu(monkeypatch, False, False)
     assert ceprompt.load(runs["s2"], device="cpu").precision == "fp32"
-    from ceprompt.doctor import _devices
+    from ceprompt.verbs.doctor import _devices
 
     fake_cpu(monkeypatch, True, False)
     assert dict(_devices())["cpu"] == "--precision auto = bf16: the CPU multiplies bf16 natively (AMX)"
@@ -205,7 +206,7 @@ def rotate_whole_image_then_crop(image: Image.Image, box, landmarks, size: int, 
 
 
 def test_aligning_rotates_only_the_faces_neighbourhood_with_the_same_pixels() -> None:
-    from ceprompt.faces import align_face
+    from ceprompt.data.faces import align_face
 
     skimage_data = pytest.importorskip("skimage.data")
     image = Image.fromarray(skimage_data.astronaut()).resize((900, 700))

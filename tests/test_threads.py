@@ -12,9 +12,10 @@ import pytest
 import torch
 import yaml
 
-import ceprompt.threads as threads
+import ceprompt.engine.threads as threads
 from ceprompt.cli import main
-from ceprompt.threads import CpuSample, ThreadGovernor, cpu_quota, free_threads
+from ceprompt.engine.threads import CpuSample, ThreadGovernor, cpu_quota, free_threads
+
 from helpers import write_three_file_dataset
 
 

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from ceprompt.cli import main
 from ceprompt.engine import train as train_module
+
 from helpers import write_folder_dataset, write_three_file_dataset
 
 

@@ -6,7 +6,7 @@
         print(face.box, face.label, face.probabilities)
 
 Faces are found by MTCNN (``pip install 'ceprompt[face]'``) and cut by the same policy as the
-training crops (:mod:`ceprompt.faces`); ``detect="none"`` takes each image as one face crop.
+training crops (:mod:`ceprompt.data.faces`); ``detect="none"`` takes each image as one face crop.
 """
 
 from __future__ import annotations
@@ -20,13 +20,21 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .engine.build import LoadedModel, load_trained
+from .core.errors import CepromptError, ConfigError
+from .data.faces import (
+    DEFAULT_EXPAND,
+    DEFAULT_MIN_FACE,
+    DetectedFace,
+    FaceDetector,
+    MinFace,
+    align_face,
+    to_pil,
+    whole_image_face,
+)
+from .data.images import open_image
 from .engine.runtime import resolve_device, resolve_precision
-from .errors import CepromptError, ConfigError
-from .faces import (DEFAULT_EXPAND, DEFAULT_MIN_FACE, DetectedFace, FaceDetector, MinFace, align_face, to_pil,
-                    whole_image_face)
-from .head import patch_class_similarity
-from .images import open_image
+from .model.head import patch_class_similarity
+from .weights.build import LoadedModel, load_trained
 
 ImageInput = str | os.PathLike | Image.Image | np.ndarray
 DETECT_MODES = ("mtcnn", "none")
@@ -130,7 +138,7 @@ class Recognizer:
                       on_error: str = "raise") -> list[Any]:
         """:meth:`predict` for many images, with the face crops classified in batches.
 
-        ``on_error="return"`` puts the :class:`~ceprompt.errors.CepromptError` of an image that cannot be
+        ``on_error="return"`` puts the :class:`~ceprompt.core.errors.CepromptError` of an image that cannot be
         read or searched in that image's place instead of raising, so one bad file loses nothing else.
         """
         if on_error not in ("raise", "return"):
@@ -172,7 +180,7 @@ class Recognizer:
 
     @staticmethod
     def load_image(image: ImageInput) -> Image.Image:
-        """Upright 8-bit RGB (:func:`ceprompt.images.open_image` for paths)."""
+        """Upright 8-bit RGB (:func:`ceprompt.data.images.open_image` for paths)."""
         if isinstance(image, (str, os.PathLike)):
             return open_image(image)
         return to_pil(image)

@@ -1,6 +1,6 @@
 """The ``ceprompt`` command: one verb per job, each implemented in its own module.
 
-Errors the user can fix (:class:`~ceprompt.errors.CepromptError`) are printed as one
+Errors the user can fix (:class:`~ceprompt.core.errors.CepromptError`) are printed as one
 line and exit with status 1; argument mistakes exit with status 2 (argparse).
 """
 
@@ -14,15 +14,15 @@ import warnings
 from typing import Callable, Sequence
 
 from . import __version__
-from .errors import CepromptError
-from .ranges import COUNT, POSITIVE, POSITIVE_INT, Range, arg
+from .core.errors import CepromptError
+from .core.ranges import POSITIVE_INT, Range, arg
 
 Handler = Callable[[argparse.Namespace], int]
-DEFAULT_MIN_FACE = "20px,2%"  # ceprompt.faces.DEFAULT_MIN_FACE, written as on the command line
+DEFAULT_MIN_FACE = "20px,2%"  # ceprompt.data.faces.DEFAULT_MIN_FACE, written as on the command line
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from .clip_files import convert_clip
+    from .weights.clip_files import convert_clip
 
     act = {"auto": None, "quickgelu": True, "gelu": False}[args.activation]
     loaded = convert_clip(args.src, args.dst, overwrite=args.overwrite, quick_gelu=act)
@@ -32,7 +32,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
-    from .doctor import run_doctor
+    from .verbs.doctor import run_doctor
 
     return run_doctor(args.arch)
 
@@ -40,8 +40,8 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 def _train_config(args: argparse.Namespace):
     from pathlib import Path
 
-    from .config import load_config
-    from .errors import ConfigError
+    from .core.config import load_config
+    from .core.errors import ConfigError
 
     overrides = list(args.set or [])
     shortcuts = {"clip": "backbone.path", "init": "backbone.init", "data": "data.root", "device": "run.device",
@@ -82,15 +82,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .engine.eval_job import run_eval
+    from .core.config import load_config
+    from .verbs.eval_job import run_eval
 
     zero_shot = None
     if args.zero_shot:
         overrides = list(args.set or []) + ([f"backbone.path={args.clip}"] if args.clip else [])
         zero_shot = load_config(args.config, overrides)
     elif not args.checkpoint:
-        from .errors import ConfigError
+        from .core.errors import ConfigError
 
         raise ConfigError("give --checkpoint (a .safetensors checkpoint or a run directory), or --zero-shot")
     run_eval(args.data, checkpoint=None if args.zero_shot else args.checkpoint, zero_shot_config=zero_shot,
@@ -102,7 +102,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo.run import format_table, run_demo
+    from .demo.report import format_table
+    from .demo.run import run_demo
 
     results = run_demo(args.out, quick=args.quick, seed=args.seed, overwrite=args.overwrite, workers=args.workers,
                        progress=not args.no_progress, threads=args.threads, seeds=args.seeds,
@@ -115,8 +116,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_make_demo_data(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from .core.errors import ConfigError
     from .demo.faces import write_rafdb_dataset
-    from .errors import ConfigError
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
@@ -128,7 +129,7 @@ def _cmd_make_demo_data(args: argparse.Namespace) -> int:
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from .api import load
-    from .predict_job import plan_predict, run_predict
+    from .verbs.predict import plan_predict, run_predict
 
     plan = plan_predict(args.inputs, output=args.output, fmt=args.format, annotate_dir=args.annotate,
                         explain_dir=args.explain, video_stride=args.video_stride, overwrite=args.overwrite)
@@ -146,13 +147,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     if args.format == "hub":
-        from .export_hub import export_hub
+        from .verbs.export_hub import export_hub
 
         folder = export_hub(args.checkpoint, args.out, dtype=args.dtype, overwrite=args.overwrite)
         print(f"wrote {folder}/model.safetensors, config.json and README.md; publish with: "
               f"huggingface-cli upload ORG/NAME {folder}")
         return 0
-    from .export_onnx import export_onnx
+    from .verbs.export_onnx import export_onnx
 
     check = export_onnx(args.checkpoint, args.out, overwrite=args.overwrite)
     print(f"wrote {args.out} (onnxruntime vs PyTorch: max difference {check['max_abs_diff']:.1e})")
@@ -160,7 +161,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
-    from .prepare import prepare
+    from .data.prepare import prepare
 
     summary = prepare(args.dataset, args.src, args.dst, align=args.align, skip_bad_rows=args.skip_bad_rows,
                       overwrite=args.overwrite, valid_as=args.valid, device=args.device or "cpu",
@@ -179,7 +180,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def _cmd_import_official(args: argparse.Namespace) -> int:
-    from .official import import_official
+    from .weights.official import import_official
 
     result = import_official(args.clip, args.stage1, args.dataset, args.out, stage2=args.stage2,
                              overwrite=args.overwrite)
@@ -191,10 +192,9 @@ def _cmd_import_official(args: argparse.Namespace) -> int:
 def _cmd_check_data(args: argparse.Namespace) -> int:
     import json
 
+    from .core.io_utils import atomic_write
+    from .core.paths import output_file
     from .data.check import check_data
-
-    from .io_utils import atomic_write
-    from .paths import output_file
 
     classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
     json_path = output_file(args.json, overwrite=True, option="--json") if args.json else None
@@ -235,8 +235,8 @@ def _add_threads(p: argparse.ArgumentParser) -> None:
 
 
 def _min_face(text: str):
-    from .errors import ConfigError
-    from .faces import MinFace
+    from .core.errors import ConfigError
+    from .data.faces import MinFace
 
     try:
         return MinFace.parse(text)
@@ -251,7 +251,7 @@ def _add_min_face(p: argparse.ArgumentParser) -> None:
 
 
 def _add_pixel_limit(p: argparse.ArgumentParser) -> None:
-    from .images import DEFAULT_MAX_PIXELS
+    from .data.images import DEFAULT_MAX_PIXELS
 
     p.add_argument("--max-pixels", type=arg(POSITIVE_INT), metavar="N",
                    help=f"refuse images with more pixels than this, read from the header before decoding "
@@ -451,11 +451,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         datefmt="%H:%M:%S")
     logging.getLogger("ceprompt").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     handler: Handler = args.handler
-    from .images import pixel_limit
+    from .data.images import pixel_limit
 
     try:
         if hasattr(args, "threads") and args.verb not in ("train", "demo"):  # those two manage threads per run
-            from .threads import set_threads
+            from .engine.threads import set_threads
 
             set_threads(args.threads)
         with pixel_limit(getattr(args, "max_pixels", None)):

@@ -17,8 +17,8 @@ from typing import Any, Sequence
 
 import yaml
 
+from ..model.prompts import DEFAULT_TEMPLATE
 from .errors import ConfigError
-from .prompts import DEFAULT_TEMPLATE
 from .ranges import COUNT, POSITIVE, POSITIVE_INT, UNIT, Range, check
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -37,7 +37,7 @@ AUTHORS_PROMPT_NAMES = {
 # The authors' test-time resize per dataset: (resize, interpolation). Ours is square bicubic everywhere.
 AUTHORS_RESIZE = {"rafdb": ("shorter", "bicubic"), "ferplus": ("shorter", "bicubic"),
                   "affectnet7": ("square", "bilinear"), "affectnet8": ("square", "bilinear")}
-CONFIG_DIR = Path(__file__).parent / "configs"
+CONFIG_DIR = Path(__file__).parents[1] / "configs"
 
 
 @dataclass

@@ -27,9 +27,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..errors import DataError
-from ..images import IMAGE_SUFFIXES, ImageInfo, open_image, probe_image
-from ..paths import escapes
+from ..core.errors import DataError
+from ..core.paths import escapes
+from .images import IMAGE_SUFFIXES, ImageInfo, open_image, probe_image
 from .three_files import IMAGES, LABELS, SPLIT, Problems, read_index
 
 log = logging.getLogger(__name__)

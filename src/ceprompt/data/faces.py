@@ -25,9 +25,9 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from .errors import CepromptError, ConfigError
+from ..core.errors import CepromptError, ConfigError
+from ..core.ranges import Range, check
 from .images import as_rgb
-from .ranges import Range, check
 
 DEFAULT_EXPAND = 1.3
 MTCNN_WINDOW = 12  # MTCNN's smallest window: a face this size in the searched image is the smallest it finds

@@ -23,8 +23,8 @@ from typing import BinaryIO, Iterator
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import DataError
-from .ranges import POSITIVE_INT, check
+from ..core.errors import DataError
+from ..core.ranges import POSITIVE_INT, check
 
 # 50 megapixels: every phone and camera photo up to 8660 x 5770; decoding one costs about 150 MB.
 DEFAULT_MAX_PIXELS = 50_000_000

@@ -2,7 +2,7 @@
 
 * RAF-DB: ``EmoLabel/list_patition_label.txt`` (``train_00001.jpg 5``, labels 1..7) and
   ``Image/aligned/`` (or, with ``--align``, faces re-cut from ``Image/original/`` into
-  ``Image/aligned_224/`` by :func:`ceprompt.faces.align_face`).
+  ``Image/aligned_224/`` by :func:`ceprompt.data.faces.align_face`).
 * AffectNet: ``training.csv`` and ``validation.csv`` (the test set) with
   ``subDirectory_filePath, face_x, face_y, face_width, face_height, facial_landmarks, expression, ...``;
   images under ``Manually_Annotated_Images/``. Writes the 7-class (expressions 0-6) and the 8-class
@@ -27,10 +27,10 @@ from typing import Callable, Sequence
 
 from tqdm import tqdm
 
-from .data.datasets import LAYOUTS
-from .data.three_files import IMAGES, LABELS, SPLIT, Problems
-from .errors import ConfigError, DataError
-from .paths import confined, escapes
+from ..core.errors import ConfigError, DataError
+from ..core.paths import confined, escapes
+from .datasets import LAYOUTS
+from .three_files import Problems
 
 log = logging.getLogger(__name__)
 ALIGN_SIZE = 224

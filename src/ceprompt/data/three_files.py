@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import DataError
+from ..core.errors import DataError
 
 IMAGES, LABELS, SPLIT = "images.txt", "image_class_labels.txt", "train_test_split.txt"
 MAX_LISTED = 20  # problems printed before "... and N more"

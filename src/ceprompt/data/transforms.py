@@ -17,7 +17,7 @@ from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 
 AUGMENTATIONS = ("rafdb", "affectnet", "none")
 

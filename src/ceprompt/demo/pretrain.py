@@ -22,11 +22,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..clip_backbone import build_clip, get_arch, tokenize
-from ..clip_files import save_clip_safetensors
-from ..config import IMAGENET_MEAN, IMAGENET_STD
-from ..io_utils import cache_dir
-from ..towers import text_encode_embeddings
+from ..core.config import IMAGENET_MEAN, IMAGENET_STD
+from ..core.io_utils import cache_dir
+from ..model.clip import build_clip, get_arch, tokenize
+from ..model.towers import text_encode_embeddings
+from ..weights.clip_files import save_clip_safetensors
 from .faces import generate
 
 log = logging.getLogger(__name__)

@@ -9,12 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from ..plots import plot_curves  # noqa: E402
+from ..engine.plots import plot_curves  # noqa: E402
 
 
 def plot_examples(predictions_csv: Path, path: Path, n: int = 21, columns: int = 7) -> Path:
@@ -47,8 +48,6 @@ def plot_examples(predictions_csv: Path, path: Path, n: int = 21, columns: int =
 
 def results_markdown(results: dict[str, Any]) -> str:
     """The demo's table (mean ± std when several seeds ran) and the time each step took."""
-    from .run import format_value
-
     several = len(results.get("seeds", [0])) > 1
     lines = ["| step | accuracy | macro-F1 |", "|---|---|---|"]
     lines += [f"| {r['step']} | {format_value(r, 'accuracy', several)} | {format_value(r, 'macro_f1', several)} |"
@@ -72,3 +71,29 @@ def write_demo_report(folder: Path, results: dict[str, Any], run1: Path, run2: P
                 folder / "training_curves.png")
     plot_examples(run2 / "eval" / "predictions.csv", folder / "examples.png")
     return folder
+
+
+def seed_row(step: str, values: list[dict[str, float]]) -> dict[str, Any]:
+    """Mean and (sample) standard deviation over seeds; std is 0 for a single value."""
+    row: dict[str, Any] = {"step": step}
+    for key in ("accuracy", "macro_f1"):
+        xs = np.array([v[key] for v in values], dtype=np.float64)
+        row[key] = float(xs.mean())
+        row[f"{key}_std"] = float(xs.std(ddof=1)) if len(xs) > 1 else 0.0
+    return row
+
+
+def format_value(row: dict[str, Any], key: str, several: bool) -> str:
+    return f"{row[key]:.3f} ± {row[key + '_std']:.3f}" if several else f"{row[key]:.3f}"
+
+
+def format_table(results: dict[str, Any]) -> str:
+    several = len(results.get("seeds", [0])) > 1
+    width = 15 if several else 9
+    title = f"mean ± std over {len(results['seeds'])} seeds" if several else ""
+    lines = [f"{title:24s} {'accuracy':>{width}s} {'macro-F1':>{width}s}"]
+    for row in results["rows"]:
+        lines.append(f"{row['step']:24s} {format_value(row, 'accuracy', several):>{width}s} "
+                     f"{format_value(row, 'macro_f1', several):>{width}s}")
+    lines.append(f"{'chance':24s} {results['chance']:{width}.3f}")
+    return "\n".join(lines)

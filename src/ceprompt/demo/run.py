@@ -14,18 +14,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from ..config import load_config
-from ..engine.eval_job import run_eval
+from ..core.config import load_config
+from ..core.owned_dirs import OwnedDir
+from ..core.ranges import Range, check
 from ..engine.runtime import resolve_precision
+from ..engine.threads import set_threads
 from ..engine.train import train
-from ..owned_dirs import OwnedDir
-from ..ranges import Range, check
-from ..threads import set_threads
+from ..verbs.eval_job import run_eval
 from .pretrain import PretrainSettings, cached_clip, demo_clip_path
-from .report import write_demo_report
+from .report import seed_row, write_demo_report
 
 log = logging.getLogger(__name__)
 
@@ -115,9 +114,9 @@ def _run(out: Path, plan: DemoPlan, quick: bool, seed: int, seeds: int, workers:
     timings["total"] = round(time.perf_counter() - start, 1)
     zero = {"accuracy": zero_shot["accuracy"], "macro_f1": zero_shot["macro_f1"]}
     results = {
-        "rows": [_row("zero-shot CLIP", [zero]),
-                 _row("after stage 1 (EVA)", [p["stage1"] for p in per_seed]),
-                 _row("after stage 2 (CAT)", [p["stage2"] for p in per_seed])],
+        "rows": [seed_row("zero-shot CLIP", [zero]),
+                 seed_row("after stage 1 (EVA)", [p["stage1"] for p in per_seed]),
+                 seed_row("after stage 2 (CAT)", [p["stage2"] for p in per_seed])],
         "chance": 1 / len(zero_shot["class_names"]),
         "n_train": plan.n_train,
         "n_test": plan.n_test,
@@ -136,29 +135,3 @@ def _run(out: Path, plan: DemoPlan, quick: bool, seed: int, seeds: int, workers:
 def _metrics(run: Path) -> dict[str, float]:
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
     return {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]}
-
-
-def _row(step: str, values: list[dict[str, float]]) -> dict[str, Any]:
-    """Mean and (sample) standard deviation over seeds; std is 0 for a single value."""
-    row: dict[str, Any] = {"step": step}
-    for key in ("accuracy", "macro_f1"):
-        xs = np.array([v[key] for v in values], dtype=np.float64)
-        row[key] = float(xs.mean())
-        row[f"{key}_std"] = float(xs.std(ddof=1)) if len(xs) > 1 else 0.0
-    return row
-
-
-def format_value(row: dict[str, Any], key: str, several: bool) -> str:
-    return f"{row[key]:.3f} ± {row[key + '_std']:.3f}" if several else f"{row[key]:.3f}"
-
-
-def format_table(results: dict[str, Any]) -> str:
-    several = len(results.get("seeds", [0])) > 1
-    width = 15 if several else 9
-    title = f"mean ± std over {len(results['seeds'])} seeds" if several else ""
-    lines = [f"{title:24s} {'accuracy':>{width}s} {'macro-F1':>{width}s}"]
-    for row in results["rows"]:
-        lines.append(f"{row['step']:24s} {format_value(row, 'accuracy', several):>{width}s} "
-                     f"{format_value(row, 'macro_f1', several):>{width}s}")
-    lines.append(f"{'chance':24s} {results['chance']:{width}.3f}")
-    return "\n".join(lines)

@@ -1,1 +1,1 @@
-"""Training, evaluation, checkpoints and the process/device runtime."""
+"""Training, evaluation, metrics and plots, the process/device runtime and CPU threads."""

@@ -15,12 +15,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from ..core.errors import DataError
+from ..core.io_utils import atomic_write
 from ..data.datasets import FERDataset
 from ..data.samplers import ShardSampler
-from ..errors import DataError
-from ..io_utils import atomic_write
-from ..metrics import classification_metrics
-from ..plots import plot_confusion
+from .metrics import classification_metrics
+from .plots import plot_confusion
 from .runtime import Runtime, usable_workers
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ def reraise_worker_error(exc: Exception) -> None:
     """A DataError raised in a loader process arrives wrapped in a traceback; keep its own message."""
     if isinstance(exc, DataError):
         last = str(exc).strip().splitlines()[-1]
-        prefix = "ceprompt.errors.DataError: "
+        prefix = "ceprompt.core.errors.DataError: "
         raise DataError(last[len(prefix):] if last.startswith(prefix) else last) from None
     raise exc
 

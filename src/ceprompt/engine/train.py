@@ -1,18 +1,15 @@
 """``ceprompt train``: either stage, on a CPU, one GPU or many (torchrun), with exact resume.
 
-A run directory holds ``config.yaml`` (resolved), ``train.log``, ``summary.csv`` (one row per
-epoch), ``tensorboard/`` (when tensorboard is installed), ``checkpoints/{last,best}.safetensors``
-with JSON sidecars, ``resume.pt`` and, at the end, ``eval/`` (the best checkpoint's full report).
+The :class:`Trainer` builds everything a run needs, then trains epoch by epoch, evaluates, saves and reports;
+the run directory itself (creation, replacement, resume, log file, ``summary.csv``) is :mod:`.run_dir`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import logging
 import math
 import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,66 +22,35 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..config import Config, dump_config
+from ..core.config import Config, dump_config
+from ..core.errors import ConfigError, DataError, TrainingError
+from ..core.io_utils import atomic_write
+from ..core.owned_dirs import MARKER, DirLock
 from ..data.datasets import FERDataset, Splits, default_augment, default_balanced, load_splits
 from ..data.samplers import TrainSampler
 from ..data.transforms import test_transform, train_augment
-from ..errors import CepromptError, ConfigError, DataError, TrainingError
-from ..eva import EVAModel
-from ..io_utils import atomic_write
-from ..metrics import fit_temperature
-from ..owned_dirs import MARKER, DirLock, OwnedDir
-from ..paths import escapes
-from ..threads import ThreadGovernor
-from ..towers import compiled_block_forward
-from ..trainable import load_trainable
-from .build import BuiltModel, build_for_training, checkpoint_meta, preprocess_from_config
-from .checkpoint import RESUME_NAME, load_resume, read_checkpoint, save_checkpoint, save_resume
+from ..model.eva import EVAModel
+from ..model.towers import compiled_block_forward
+from ..model.trainable import load_trainable
+from ..weights.build import BuiltModel, build_for_training, checkpoint_meta, preprocess_from_config
+from ..weights.checkpoint import load_resume, read_checkpoint, save_checkpoint, save_resume
 from .evaluate import eval_loader, evaluate, format_metrics, reraise_worker_error, unwrap, write_report
+from .metrics import fit_temperature
+from .run_dir import (
+    append_summary,
+    attach_log_file,
+    check_free_space,
+    on_rank0,
+    plan_run,
+    remove_stale_temporaries,
+    rt_gather_path,
+    truncate_summary,
+)
 from .runtime import Runtime, epoch_seed, seed_everything, setup_runtime, teardown_runtime, usable_workers
 from .schedule import apply_lr, lr_at
+from .threads import ThreadGovernor
 
 log = logging.getLogger(__name__)
-SUMMARY_FIELDS = ["epoch", "lr", "train_loss", "train_ce", "train_kd", "train_accuracy", "test_accuracy",
-                  "test_mean_class_accuracy", "test_macro_f1", "epoch_seconds", "train_images_per_second", "threads"]
-
-
-def run_dir_path(cfg: Config, rt: Runtime) -> Path:
-    """``run.output_dir / run.name`` (name chosen by rank 0 when not given)."""
-    name = cfg.run.name or f"{cfg.data.dataset}-{cfg.stage}-{time.strftime('%Y%m%d-%H%M%S')}"
-    name = rt.gather(name)[0]
-    if escapes(name) or Path(name).name != name:
-        raise ConfigError(f"run.name={name!r}: expected a plain folder name (no '/', '..' or absolute path); "
-                          "use run.output_dir (--output-dir) for the parent folder")
-    return Path(cfg.run.output_dir).expanduser() / name
-
-
-def has_checkpoint(run_dir: Path) -> bool:
-    return (run_dir / RESUME_NAME).is_file() or any((run_dir / "checkpoints").glob("*.safetensors"))
-
-
-def on_rank0(rt: Runtime, action: Callable[[], Any]) -> Any:
-    """Run ``action`` on rank 0 only; a CepromptError there is raised on every rank."""
-    error, value = None, None
-    if rt.is_main:
-        try:
-            value = action()
-        except CepromptError as exc:
-            error = exc
-    errors = [e for e in rt.gather(None if error is None else (type(error), str(error))) if e]
-    if errors:
-        kind, message = errors[0]
-        raise kind(message)
-    return value
-
-
-def check_free_space(run_dir: Path, trainable: int, optimizer_copies: int) -> None:
-    """Two checkpoints plus resume state (weights + optimizer moments) must fit before training starts."""
-    need = trainable * 4 * (2 + 1 + optimizer_copies) + (64 << 20)
-    free = shutil.disk_usage(run_dir).free
-    if free < need:
-        raise ConfigError(f"{run_dir}: only {free / 2**20:.0f} MiB free; checkpoints need about "
-                          f"{need / 2**20:.0f} MiB")
 
 
 def load_data(cfg: Config, rt: Runtime) -> Splits:
@@ -236,32 +202,10 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.start_epoch = int(state["epoch"])
         self.best_accuracy, self.best_epoch = float(state["best_accuracy"]), int(state["best_epoch"])
-        self._truncate_summary(self.start_epoch)
+        if self.rt.is_main:
+            truncate_summary(self.run_dir, self.start_epoch)
         log.info("resumed %s after epoch %d (best test accuracy %.4f at epoch %d)", self.run_dir,
                  self.start_epoch, self.best_accuracy, self.best_epoch)
-
-    def _truncate_summary(self, epochs_done: int) -> None:
-        """Drop rows of an epoch whose state was never saved (killed between the two writes)."""
-        path = self.run_dir / "summary.csv"
-        if not self.rt.is_main or not path.is_file():
-            return
-        with open(path, newline="") as fh:
-            rows = [r for r in csv.DictReader(fh) if int(r["epoch"]) <= epochs_done]
-        self._write_summary(rows)
-
-    def _write_summary(self, rows: list[dict[str, Any]]) -> None:
-        with atomic_write(self.run_dir / "summary.csv") as tmp, open(tmp, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=SUMMARY_FIELDS)
-            writer.writeheader()
-            writer.writerows(rows)
-
-    def _append_summary(self, row: dict[str, Any]) -> None:
-        path = self.run_dir / "summary.csv"
-        rows = []
-        if path.is_file():
-            with open(path, newline="") as fh:
-                rows = list(csv.DictReader(fh))
-        self._write_summary(rows + [row])
 
     def _seed_epoch(self, epoch: int) -> None:
         seed = epoch_seed(self.cfg.run.seed, self.rt.rank, epoch)
@@ -402,7 +346,7 @@ class Trainer:
             row.update(test_accuracy=f"{metrics['accuracy']:.6f}",
                        test_mean_class_accuracy=f"{metrics['mean_class_accuracy']:.6f}",
                        test_macro_f1=f"{metrics['macro_f1']:.6f}")
-        self._append_summary(row)
+        append_summary(self.run_dir, row)
         test = f"  test {format_metrics(metrics)}  best {self.best_accuracy:.4f}@{self.best_epoch}" if metrics else ""
         log.info("epoch %d/%d  loss %.4f (ce %.4f kd %.4f)  train acc %.4f  lr %.2e  %.1f img/s  %.0fs%s",
                  epoch + 1, self.cfg.optim.epochs, stats.loss, stats.ce, stats.kd, stats.accuracy, stats.lr,
@@ -458,43 +402,6 @@ def model_settings(cfg: Config) -> dict[str, Any]:
     return flat
 
 
-def remove_stale_temporaries(run_dir: Path) -> None:
-    """Half-written files left by a process killed during a write (the real files are intact)."""
-    for tmp in [*run_dir.glob(".*.tmp"), *run_dir.glob("checkpoints/.*.tmp")]:
-        log.info("removing %s, left by an interrupted write", tmp)
-        tmp.unlink()
-
-
-def rt_gather_path(rt: Runtime, path: Path) -> Path:
-    return Path(rt.gather(str(path))[0])
-
-
-def _attach_log_file(run_dir: Path) -> logging.Handler:
-    handler = logging.FileHandler(run_dir / "train.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger("ceprompt").addHandler(handler)
-    logging.getLogger("ceprompt").setLevel(logging.INFO)
-    return handler
-
-
-def _plan_run(cfg: Config, rt: Runtime, resume: str | Path | None, overwrite: bool) -> tuple[OwnedDir | None, Path]:
-    """Check the run directory before anything is built: a resumable run, or one that may be (re)created."""
-    if resume is not None:
-        run_dir = Path(resume).expanduser()
-
-        def check_resumable() -> None:
-            if not has_checkpoint(run_dir):
-                raise ConfigError(f"{run_dir}: nothing to resume: the run stopped before its first epoch ended; "
-                                  "start it again with the same command without --resume")
-        on_rank0(rt, check_resumable)
-        return None, run_dir
-    path = run_dir_path(cfg, rt)
-    protected = [cfg.data.root, cfg.backbone.path, cfg.backbone.init]
-    owned = OwnedDir(path, "run directory", has_checkpoint, overwrite, protected)
-    on_rank0(rt, owned.plan)
-    return owned, path
-
-
 def train(cfg: Config, resume: str | Path | None = None, overwrite: bool = False) -> Path:
     """Run (or continue) a training run; returns its directory.
 
@@ -505,7 +412,7 @@ def train(cfg: Config, resume: str | Path | None = None, overwrite: bool = False
     handler, owned, lock, trainer = None, None, None, None
     try:
         seed_everything(cfg.run.seed + rt.rank)
-        owned, run_dir = _plan_run(cfg, rt, resume, overwrite)
+        owned, run_dir = plan_run(cfg, rt, resume, overwrite)
         if resume is not None:
             lock = on_rank0(rt, lambda: DirLock(run_dir).acquire())
         trainer = Trainer(cfg, rt)
@@ -516,7 +423,7 @@ def train(cfg: Config, resume: str | Path | None = None, overwrite: bool = False
             if resume is not None:
                 remove_stale_temporaries(run_dir)
                 (run_dir / MARKER).touch()
-            handler = _attach_log_file(run_dir)
+            handler = attach_log_file(run_dir)
             if resume is None:
                 with atomic_write(run_dir / "config.yaml") as tmp:
                     tmp.write_text(dump_config(cfg))

@@ -15,8 +15,8 @@ from torch import nn
 
 from .head import HeadConfig, ScoreOutput, emotion_scores
 from .prompts import PromptLearner
-from .trainable import freeze
 from .towers import BlockPass, block_forward, run_blocks, text_encode_embeddings, vision_embed, vision_project
+from .trainable import freeze
 
 
 class CATModel(nn.Module):

@@ -17,7 +17,7 @@ import torch
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 from open_clip.tokenizer import SimpleTokenizer
 
-from .errors import CheckpointError
+from ..core.errors import CheckpointError
 
 # OpenAI and open_clip ViT CLIPs all use 64-dimensional attention heads; a plain
 # state dict does not record the head count, so this convention fills it in.

@@ -16,11 +16,11 @@ import torch.nn.functional as F
 from open_clip.model import CLIP
 from torch import nn
 
-from .errors import ConfigError
+from ..core.errors import ConfigError
 from .head import HeadConfig, ScoreOutput, emotion_scores
 from .prompts import DEFAULT_TEMPLATE, class_prompts, fixed_prompt_features
-from .trainable import freeze
 from .towers import BlockPass, block_forward, run_blocks, vision_embed, vision_project
+from .trainable import freeze
 
 KD_TARGETS = ("normalized", "raw")
 

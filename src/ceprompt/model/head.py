@@ -24,7 +24,7 @@ class HeadConfig:
     normalize_text: bool = True  # False: the authors' stage-1 test scoring, with raw class text embeddings
 
     def __post_init__(self) -> None:
-        from .errors import ConfigError
+        from ..core.errors import ConfigError
 
         if self.mode not in HEAD_MODES:
             raise ConfigError(f"head.mode={self.mode!r}; expected one of {HEAD_MODES}")

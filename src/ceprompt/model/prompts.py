@@ -16,12 +16,11 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from open_clip.model import CLIP
 from torch import nn
 
-from .clip_backbone import get_tokenizer, tokenize
-from .errors import ConfigError
+from ..core.errors import ConfigError
+from .clip import get_tokenizer, tokenize
 
 DEFAULT_TEMPLATE = "a photo of a {} facial expression, a type of facial expression."
 VISION_PROMPT_MODES = ("append", "overwrite")

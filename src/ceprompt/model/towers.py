@@ -19,8 +19,8 @@ import functools
 from typing import Callable, Sequence
 
 import torch
-from open_clip.model import CLIP
 import torch.nn.functional as F
+from open_clip.model import CLIP
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint

@@ -7,7 +7,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from .errors import CheckpointError
+from ..core.errors import CheckpointError
 
 
 def freeze(module: nn.Module) -> None:

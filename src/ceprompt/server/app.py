@@ -13,8 +13,8 @@ import base64
 import io
 import logging
 import threading
-from concurrent.futures import ThreadPoolExecutor
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -22,9 +22,9 @@ from typing import Any
 from PIL import Image
 
 from ..api import Recognizer
-from ..drawing import explanation_image
-from ..errors import CepromptError
-from ..images import ImageError, max_pixels, open_image
+from ..core.errors import CepromptError
+from ..data.images import ImageError, max_pixels, open_image
+from ..verbs.drawing import explanation_image
 from .guard import Guard
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ def resolve_checkpoint(checkpoint: str | None, progress: bool = True) -> str:
     (trained once by the quick demo)."""
     if checkpoint:
         return checkpoint
-    from ..io_utils import cache_dir
+    from ..core.io_utils import cache_dir
 
     own = Path("runs") / "demo" / "stage2" / "checkpoints" / "best.safetensors"
     if own.is_file():

@@ -11,11 +11,10 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
-from .clip_backbone import build_clip, get_arch, tokenize
-from .clip_files import load_clip, save_clip_safetensors
-from .engine.runtime import auto_precision
-
+from .. import __version__
+from ..engine.runtime import auto_precision
+from ..model.clip import build_clip, get_arch, tokenize
+from ..weights.clip_files import load_clip, save_clip_safetensors
 
 # ceprompt's optional extras (pyproject.toml) and the packages each brings.
 EXTRAS = {
@@ -53,7 +52,7 @@ def _extras() -> list[tuple[str, str]]:
 
 
 def _cpu() -> list[tuple[str, str]]:
-    from .threads import affinity_cpus, choose_threads, cpu_quota, usable_cpus
+    from ..engine.threads import affinity_cpus, choose_threads, cpu_quota, usable_cpus
 
     quota = cpu_quota()
     threads, why = choose_threads()
@@ -152,7 +151,7 @@ def run_doctor(arch: str = "tiny-vit") -> int:
         want_img, want_txt = reference.encode_image(images), reference.encode_text(text)
     failed = 0
     print(f"CLIP round trip ({arch}: {spec.describe()}):")
-    logging.getLogger("ceprompt.clip_files").setLevel(logging.WARNING)  # the table says what was loaded
+    logging.getLogger("ceprompt.weights.clip_files").setLevel(logging.WARNING)  # the table says what was loaded
     with tempfile.TemporaryDirectory() as tmp:
         for fmt, path in _write_formats(arch, Path(tmp)).items():
             loaded = load_clip(path)

@@ -7,15 +7,15 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..config import Config
+from ..core.config import Config
+from ..core.errors import CheckpointError, ConfigError
+from ..core.paths import output_dir
+from ..core.ranges import POSITIVE_INT, check
 from ..data.datasets import FERDataset, load_splits
 from ..data.transforms import test_transform
-from ..errors import CheckpointError, ConfigError
-from ..paths import output_dir
-from ..ranges import POSITIVE_INT, check
-from .build import build_zero_shot, load_trained, preprocess_from_config
-from .evaluate import evaluate, format_metrics, write_report
-from .runtime import setup_runtime, teardown_runtime
+from ..engine.evaluate import evaluate, format_metrics, write_report
+from ..engine.runtime import setup_runtime, teardown_runtime
+from ..weights.build import build_zero_shot, load_trained, preprocess_from_config
 
 log = logging.getLogger(__name__)
 

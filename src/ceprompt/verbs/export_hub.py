@@ -22,13 +22,13 @@ from typing import Any
 
 import torch
 
-from . import __version__
-from .engine.build import HUB_FORMAT, load_trained
-from .engine.checkpoint import non_finite
-from .errors import CheckpointError, ConfigError
-from .hub import backbone_license
-from .io_utils import atomic_write
-from .paths import output_dir
+from .. import __version__
+from ..core.errors import CheckpointError, ConfigError
+from ..core.io_utils import atomic_write
+from ..core.paths import output_dir
+from ..weights.build import HUB_FORMAT, load_trained
+from ..weights.checkpoint import non_finite
+from ..weights.hub import backbone_license
 
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 FILES = ("model.safetensors", "config.json", "README.md")

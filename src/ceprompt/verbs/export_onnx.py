@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .engine.build import load_trained
-from .errors import CepromptError, CheckpointError, ConfigError
-from .io_utils import atomic_write
-from .paths import output_file
+from ..core.errors import CepromptError, CheckpointError, ConfigError
+from ..core.io_utils import atomic_write
+from ..core.paths import output_file
+from ..weights.build import load_trained
 
 log = logging.getLogger(__name__)
 TOLERANCE = 1e-4
@@ -75,7 +75,7 @@ def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, overwrite
                                   f"(> {TOLERANCE}); not written")
     info = {"checkpoint": str(loaded.path), "class_names": loaded.class_names, "input": {
         "name": "image", "shape": ["batch", 3, size, size], "range": [0, 1], "color": "RGB",
-        "crop_policy": "ceprompt.faces.align_face"}, "output": "probabilities", "temperature": temperature,
+        "crop_policy": "ceprompt.data.faces.align_face"}, "output": "probabilities", "temperature": temperature,
         "check": check}
     with atomic_write(out.with_suffix(".json")) as tmp:
         tmp.write_text(json.dumps(info, indent=2) + "\n")

@@ -19,12 +19,12 @@ from typing import IO, Any, Iterator, Sequence
 from PIL import Image
 from tqdm import tqdm
 
-from .api import Explanation, FaceResult, Recognizer
+from ..api import Explanation, FaceResult, Recognizer
+from ..core.errors import CepromptError, ConfigError
+from ..core.paths import file_stem, output_dir, output_file
+from ..core.ranges import POSITIVE_INT, check
+from ..data.images import IMAGE_SUFFIXES
 from .drawing import annotate, explanation_image, save_png
-from .errors import CepromptError, ConfigError
-from .images import IMAGE_SUFFIXES
-from .paths import file_stem, output_dir, output_file
-from .ranges import POSITIVE_INT, check
 
 log = logging.getLogger(__name__)
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v"}

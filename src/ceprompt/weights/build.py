@@ -19,18 +19,18 @@ import torch
 from open_clip.model import CLIP
 from torch import nn
 
-from ..cat import CATModel
-from ..clip_backbone import ClipSpec, build_clip, get_arch
-from ..clip_files import load_clip
-from ..config import BackboneConfig, Config, config_from_dict, parse_override
+from ..core.config import BackboneConfig, Config, config_from_dict, parse_override
+from ..core.errors import CheckpointError, ConfigError
+from ..core.io_utils import verified_sha256
 from ..data.transforms import Preprocess, preprocess_for
-from ..errors import CheckpointError, ConfigError
-from ..eva import EVAModel
-from ..head import HeadConfig
-from ..hub import HF_PREFIX, download_model, is_name, resolve_clip
-from ..io_utils import verified_sha256
-from ..trainable import load_trainable
+from ..model.cat import CATModel
+from ..model.clip import ClipSpec, build_clip, get_arch
+from ..model.eva import EVAModel
+from ..model.head import HeadConfig
+from ..model.trainable import load_trainable
 from .checkpoint import non_finite, read_checkpoint, validate_meta
+from .clip_files import load_clip
+from .hub import HF_PREFIX, download_model, is_name, resolve_clip
 
 log = logging.getLogger(__name__)
 ACTIVATIONS = {"auto": None, "quickgelu": True, "gelu": False}

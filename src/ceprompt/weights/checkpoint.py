@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 from .. import __version__
-from ..errors import CheckpointError, TrainingError
-from ..io_utils import atomic_write
+from ..core.errors import CheckpointError, TrainingError
+from ..core.io_utils import atomic_write
 
 META_KEY = "ceprompt.meta"
 KIND = "ceprompt-checkpoint"
@@ -118,8 +118,8 @@ def _finite_number(value: Any) -> bool:
 
 def validate_meta(meta: dict[str, Any], where: str) -> None:
     """Every field inference relies on, checked once, with one line per problem."""
-    from ..clip_backbone import ClipSpec
-    from ..config import STAGES
+    from ..core.config import STAGES
+    from ..model.clip import ClipSpec
 
     if meta.get("stage") not in STAGES:
         _fail(where, "stage", f"one of {STAGES}", meta.get("stage"))

@@ -11,7 +11,7 @@ Supported, detected from the content rather than the file name:
   ``pytorch_model.bin``), e.g. a local copy of ``openai/clip-vit-base-patch16``.
 
 Pickle-based files are read with ``torch.load(weights_only=True)``; TorchScript archives are read as
-data by :mod:`ceprompt.torchscript_data` (their code never runs) and accepted only in OpenAI's layout.
+data by :mod:`ceprompt.weights.torchscript_data` (their code never runs) and accepted only in OpenAI's layout.
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ from typing import Any
 import torch
 from open_clip.model import CLIP
 
-from . import __version__
-from .clip_backbone import ClipSpec, build_clip, infer_spec
-from .errors import CheckpointError
-from .io_utils import atomic_write, sha256_file
+from .. import __version__
+from ..core.errors import CheckpointError
+from ..core.io_utils import atomic_write, sha256_file
+from ..model.clip import ClipSpec, build_clip, infer_spec
 from .torchscript_data import archive_tensors, read_archive
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointError
+from ..core.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 HF_PREFIX = "hf-hub:"

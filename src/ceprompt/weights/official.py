@@ -22,17 +22,24 @@ from typing import Any
 
 import torch
 
-from .clip_backbone import ClipSpec, get_tokenizer, tokenize
+from ..core.config import AUTHORS_PROMPT_NAMES, load_config
+from ..core.errors import CheckpointError, ConfigError
+from ..core.io_utils import verified_sha256
+from ..core.owned_dirs import OwnedDir
+from ..data.datasets import class_names_of
+from ..model.clip import ClipSpec, get_tokenizer, tokenize
+from ..model.trainable import load_trainable
+from .build import (
+    BuiltModel,
+    _load_stage1_into,
+    _stage1_model,
+    _stage2_model,
+    checkpoint_meta,
+    load_backbone,
+    preprocess_from_config,
+)
+from .checkpoint import read_checkpoint, save_checkpoint
 from .clip_files import _strip_prefixes, _torch_load
-from .config import AUTHORS_PROMPT_NAMES, load_config
-from .data.datasets import class_names_of
-from .engine.build import (BuiltModel, _load_stage1_into, _stage1_model, _stage2_model, checkpoint_meta,
-                           load_backbone, preprocess_from_config)
-from .engine.checkpoint import read_checkpoint, save_checkpoint
-from .errors import CheckpointError, ConfigError
-from .io_utils import verified_sha256
-from .owned_dirs import OwnedDir
-from .trainable import load_trainable
 
 log = logging.getLogger(__name__)
 DATASETS = ("rafdb", "affectnet7", "affectnet8")

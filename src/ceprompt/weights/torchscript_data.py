@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .errors import CheckpointError
+from ..core.errors import CheckpointError
 
 # Storage type names that TorchScript pickles use, and the dtype each one holds.
 _STORAGE_DTYPES = {
