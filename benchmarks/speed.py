@@ -335,7 +335,8 @@ def main() -> None:
     parser.add_argument("--no-memory", dest="memory", action="store_false")
     parser.add_argument("--gpu", action="store_true",
                         help="the GPU preset: --device cuda --archs ViT-B-16 --batch 128 --compile --torchrun")
-    parser.add_argument("--out", help="default: benchmarks/results/speed[-busy|-gpu].json")
+    parser.add_argument("--out", help="default: benchmarks/results/speed.json (speed-busy.json with --busy, "
+                                      "speed-gpu.json with --gpu)")
     args = parser.parse_args()
     if args.gpu:
         args.device, args.archs, args.batch, args.compile, args.torchrun = "cuda", ["ViT-B-16"], 128, True, True

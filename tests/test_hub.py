@@ -168,6 +168,29 @@ def test_clip_names_resolve_offline_from_the_cache(hub, tmp_path: Path) -> None:
     assert "timm/vit_large_patch14_clip_224.openai" in err and str(hub["cache"]) in err
 
 
+def test_without_a_network_the_cache_is_used_at_once_and_said_once(hub, tmp_path: Path) -> None:
+    """No HF_HUB_OFFLINE, and the Hub unreachable (a closed port stands in for a machine without internet):
+    one warning, the cached file used, a missing one refused in seconds with the command that fetches it."""
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    env = {k: v for k, v in offline_env(hub["cache"]).items()
+           if k not in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")}
+    env["HF_ENDPOINT"] = f"http://127.0.0.1:{closed}"
+    code = ("import sys; from ceprompt.weights.hub import resolve_clip; print(resolve_clip('ViT-B-16').path); "
+            "resolve_clip('ViT-L-14:openai')")
+    start = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert time.monotonic() - start < 30
+    assert "models--timm--vit_base_patch16_clip_224.openai" in out.stdout
+    assert out.stderr.count("cannot be reached") == 1, out.stderr[-3000:]
+    assert "ViT-L-14:openai: needs open_clip_model.safetensors" in out.stderr
+    assert "`hf download timm/vit_large_patch14_clip_224.openai" in out.stderr
+
+
 def _rows(path: Path) -> list[dict[str, str]]:
     with open(path, newline="") as fh:
         return list(csv.DictReader(fh))

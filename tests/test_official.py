@@ -1,4 +1,4 @@
-"""The authors' released checkpoints (official-checkpoints.md): files with exactly their keys, shapes and
+"""The authors' released checkpoints (docs/authors-checkpoints.md): files with exactly their keys, shapes and
 dtypes (random values) are imported, refused when wrong, and score images exactly as the method with the
 authors' settings defines, checked against a reference computation written here from the fact sheet."""
 

@@ -12,6 +12,7 @@ training crops (:mod:`ceprompt.data.faces`); ``detect="none"`` takes each image 
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Sequence
@@ -194,5 +195,15 @@ def load(checkpoint: str | os.PathLike, device: str = "auto", precision: str = "
     """
     rec = Recognizer(load_trained(checkpoint), device=device, precision=precision, **kwargs)
     if rec.notice:
-        warnings.warn(rec.notice, UserWarning, stacklevel=2)
+        warnings.warn(rec.notice, UserWarning, stacklevel=_callers_level())
     return rec
+
+
+def _callers_level() -> int:
+    """The ``stacklevel`` that makes a warning point at the first caller outside the ceprompt package (the user's
+    line, not ``ceprompt/__init__.py``'s ``load``)."""
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frame, level = sys._getframe(1), 1  # the function that warns
+    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level

@@ -81,18 +81,34 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _zero_shot_config(dataset: str | None) -> str:
+    """The shipped stage-1 config of the dataset (its prompts, head and CLIP), said out loud."""
+    from .core.config import CONFIG_DIR
+
+    name = f"{dataset or 'rafdb'}_stage1"
+    name = name if (CONFIG_DIR / f"{name}.yaml").is_file() else "rafdb_stage1"
+    logging.getLogger("ceprompt").info("zero-shot with the settings of the shipped config %s (prompt template, head, "
+                                       "CLIP); --config chooses another", name)
+    return name
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .core.config import load_config
+    from .core.errors import ConfigError
     from .verbs.eval_job import run_eval
 
     zero_shot = None
+    if args.zero_shot and args.checkpoint:
+        raise ConfigError("--zero-shot evaluates the untrained CLIP and --checkpoint a trained model: give one of them")
     if args.zero_shot:
         overrides = list(args.set or []) + ([f"backbone.path={args.clip}"] if args.clip else [])
-        zero_shot = load_config(args.config, overrides)
+        config = args.config or _zero_shot_config(args.dataset)
+        zero_shot = load_config(config, overrides)
     elif not args.checkpoint:
-        from .core.errors import ConfigError
-
         raise ConfigError("give --checkpoint (a .safetensors checkpoint or a run directory), or --zero-shot")
+    elif args.clip or args.config:
+        raise ConfigError(f"{'--clip' if args.clip else '--config'} is for --zero-shot; a checkpoint records its own "
+                          "backbone and settings")
     run_eval(args.data, checkpoint=None if args.zero_shot else args.checkpoint, zero_shot_config=zero_shot,
              dataset=args.dataset, split=args.split, out=args.out, overwrite=args.overwrite,
              batch_size=args.batch_size, workers=args.workers, device=args.device, precision=args.precision,
@@ -148,10 +164,11 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     if args.format == "hub":
         from .verbs.export_hub import export_hub
+        from .weights.hub import hub_command
 
         folder = export_hub(args.checkpoint, args.out, dtype=args.dtype, overwrite=args.overwrite)
         print(f"wrote {folder}/model.safetensors, config.json and README.md; publish with: "
-              f"huggingface-cli upload ORG/NAME {folder}")
+              f"{hub_command('upload')} ORG/NAME {folder}")
         return 0
     from .verbs.export_onnx import export_onnx
 
@@ -319,10 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="checkpoint .safetensors, or a run directory (its best checkpoint)")
     p.add_argument("--data", required=True, help="dataset root")
     p.add_argument("--dataset", help="rafdb, affectnet7, affectnet8, ferplus or folder (default: the checkpoint's)")
-    p.add_argument("--split", choices=["test", "train"], default="test")
+    p.add_argument("--split", choices=["test", "train"], default="test", help="which split to evaluate (default test)")
     p.add_argument("--out", help="report folder (default runs/eval-<time>)")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty report folder")
-    p.add_argument("--batch-size", type=arg(POSITIVE_INT), default=64)
+    p.add_argument("--batch-size", type=arg(POSITIVE_INT), default=64, help="images per forward pass (default 64)")
     p.add_argument("--zero-shot", action="store_true", help="plain CLIP with the stage-1 prompts (baseline)")
     p.add_argument("--config", help="zero-shot: config giving backbone/head/prompt settings")
     p.add_argument("--clip", help="zero-shot: CLIP weights (backbone.path)")
@@ -346,28 +363,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--explain", metavar="DIR", help="write a heat map of the evidence per face here")
     p.add_argument("--video-stride", type=arg(POSITIVE_INT), default=5,
                    help="classify every N-th video frame (default 5)")
-    p.add_argument("--batch-size", type=arg(POSITIVE_INT), default=32)
+    p.add_argument("--batch-size", type=arg(POSITIVE_INT), default=32, help="faces per forward pass (default 32)")
     p.add_argument("--threshold", type=arg(Range(0, 1, lo_open=True)), default=0.9,
                    help="face detector confidence threshold, in (0, 1] (default 0.9)")
     _add_min_face(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_pixel_limit(p)
     _add_runtime_args(p)
     p.set_defaults(handler=_cmd_predict, device="auto", precision="auto")
 
     p = verbs.add_parser("export", help="export a trained model: an ONNX graph, or a folder for the Hugging Face Hub")
-    p.add_argument("format", choices=["onnx", "hub"])
-    p.add_argument("checkpoint", help="checkpoint .safetensors, run directory or model folder")
-    p.add_argument("out", help="onnx: a file ending in .onnx (a .json description is written beside it); "
-                               "hub: a folder (model.safetensors, config.json, README.md)")
-    p.add_argument("--dtype", choices=["fp16", "fp32"], default="fp16", help="hub: weight precision (default fp16)")
-    p.add_argument("--overwrite", action="store_true")
-    _add_threads(p)
-    p.set_defaults(handler=_cmd_export)
+    formats = p.add_subparsers(dest="format", metavar="FORMAT", required=True)
+    q = formats.add_parser("onnx", help="one ONNX graph: RGB face crops in, class probabilities out")
+    q.add_argument("checkpoint", help="checkpoint .safetensors, run directory or model folder")
+    q.add_argument("out", help="a file ending in .onnx (a .json description is written beside it)")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    _add_threads(q)
+    q.set_defaults(handler=_cmd_export)
+    q = formats.add_parser("hub", help="a self-contained folder for the Hugging Face Hub (weights, config, card)")
+    q.add_argument("checkpoint", help="checkpoint .safetensors, run directory or model folder")
+    q.add_argument("out", help="a folder: model.safetensors, config.json, README.md")
+    q.add_argument("--dtype", choices=["fp16", "fp32"], default="fp16", help="weight precision (default fp16)")
+    q.add_argument("--overwrite", action="store_true", help="replace an earlier export in that folder")
+    _add_threads(q)
+    q.set_defaults(handler=_cmd_export)
 
     p = verbs.add_parser("prepare", help="convert an official dataset distribution to ceprompt's index files")
-    p.add_argument("dataset", choices=["rafdb", "affectnet", "ferplus"])
+    p.add_argument("dataset", choices=["rafdb", "affectnet", "ferplus"], help="which distribution SRC is")
     p.add_argument("src", help="the dataset as distributed")
     p.add_argument("dst", help="where the index (and aligned faces) go; may be SRC itself")
     p.add_argument("--align", action="store_true", help="re-cut every face with MTCNN (needs ceprompt[face])")
@@ -376,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="FERPlus PublicTest rows: leave out (default), or add to train or test")
     p.add_argument("--overwrite", action="store_true", help="replace existing index files")
     p.add_argument("--device", help="device for --align (cpu or cuda)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_pixel_limit(p)
     _add_threads(p)
     p.set_defaults(handler=_cmd_prepare)
@@ -386,7 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip", required=True, help="the CLIP the authors trained on (OpenAI's ViT-B-16)")
     p.add_argument("--stage1", required=True, help="the authors' stage-1 file (model_epoch_N.pth)")
     p.add_argument("--stage2", help="the authors' stage-2 file")
-    p.add_argument("--dataset", required=True, choices=["rafdb", "affectnet7", "affectnet8"])
+    p.add_argument("--dataset", required=True, choices=["rafdb", "affectnet7", "affectnet8"],
+                   help="the dataset the files were trained on (their class words differ)")
     p.add_argument("--out", required=True, help="folder for stage1.safetensors (and stage2.safetensors)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier import in --out")
     p.set_defaults(handler=_cmd_import_official)
@@ -395,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", nargs="?", help="checkpoint, run directory, model folder or hf-hub:ORG/NAME "
                                                  "(default: your runs/demo model, else the cached demo model)")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
-    p.add_argument("--port", type=arg(Range(0, 65535, integer=True)), default=8000)
+    p.add_argument("--port", type=arg(Range(0, 65535, integer=True)), default=8000, help="port (default 8000)")
     p.add_argument("--max-upload-mb", type=arg(Range(0, 10_000, lo_open=True)), default=10.0,
                    help="largest accepted upload (default 10 MB)")
     p.add_argument("--allow-origin", action="append", metavar="ORIGIN",
@@ -411,13 +435,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_threads(p)
     p.set_defaults(handler=_cmd_serve, precision="auto")
 
-    p = verbs.add_parser("demo", help="the whole method on generated faces and a small CLIP, on a CPU (about 5 "
-                         "minutes on 2 idle cores the first time, 1.5 once its demo CLIP is cached)")
+    p = verbs.add_parser("demo", help="the whole method on generated faces and a small CLIP, on a CPU, in minutes "
+                         "(README: The demo, for measured times)")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--quick", action="store_true",
-                   help="smaller data and shorter training: under a minute once its demo CLIP is cached; the first "
-                        "run also pretrains that CLIP (about a minute more on 2 idle cores)")
-    p.add_argument("--seed", type=arg(Range(0, 2**31 - 1, integer=True)), default=0)
+                   help="less data and shorter training, with the full demo's CLIP when it is cached, else a "
+                        "quicker one pretrained (and cached) first")
+    p.add_argument("--seed", type=arg(Range(0, 2**31 - 1, integer=True)), default=0,
+                   help="seed of the data, the demo CLIP's pretraining and the runs (default 0)")
     p.add_argument("--seeds", type=arg(Range(1, 100, integer=True)), default=1, metavar="N",
                    help="train both stages with N seeds (seed, seed+1, ...) and report mean ± std (default 1)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo folder (only one ceprompt made)")
@@ -430,11 +455,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("make-demo-data", help="write generated expression faces in the RAF-DB layout")
     p.add_argument("out", help="output folder (must be new or empty)")
-    p.add_argument("--n-train", type=arg(Range(1, 10_000_000, integer=True)), default=2100)
-    p.add_argument("--n-test", type=arg(Range(1, 10_000_000, integer=True)), default=700)
-    p.add_argument("--seed", type=arg(Range(0, 2**31 - 1, integer=True)), default=0)
-    p.add_argument("--size", type=arg(Range(16, 4096, integer=True)), default=64, help="image side in pixels")
-    p.add_argument("--workers", type=arg(Range(1, 64, integer=True)), default=2)
+    p.add_argument("--n-train", type=arg(Range(1, 10_000_000, integer=True)), default=2100,
+                   help="training faces, spread evenly over the 7 classes (default 2100)")
+    p.add_argument("--n-test", type=arg(Range(1, 10_000_000, integer=True)), default=700,
+                   help="test faces (default 700)")
+    p.add_argument("--seed", type=arg(Range(0, 2**31 - 1, integer=True)), default=0,
+                   help="the same seed gives the same faces (default 0)")
+    p.add_argument("--size", type=arg(Range(16, 4096, integer=True)), default=64,
+                   help="image side in pixels (default 64)")
+    p.add_argument("--workers", type=arg(Range(1, 64, integer=True)), default=2,
+                   help="processes drawing faces (default 2)")
     p.set_defaults(handler=_cmd_make_demo_data)
 
     p = verbs.add_parser("doctor", help="report versions and devices; round-trip a tiny CLIP through every format")
@@ -445,6 +475,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    if not (sys.argv[1:] if argv is None else list(argv)):  # plain `ceprompt`: what it can do
+        parser.print_help()
+        return 0
     args = parser.parse_args(argv)
     # ceprompt's own messages at INFO; other libraries (onnxscript, onnx_ir, ...) only when they warn
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",

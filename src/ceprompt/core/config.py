@@ -1,6 +1,6 @@
 """One config object for a run: dataclasses built from a YAML file plus dotted ``--set`` overrides.
 
-Defaults are the paper's stage-1 RAF-DB settings (DESIGN.md sections 2-4); the shipped YAML files
+Defaults are the paper's stage-1 RAF-DB settings (docs/method.md sections 2-4); the shipped YAML files
 in ``configs/`` state every value that differs per dataset and stage. The resolved config is
 written into each run directory and every checkpoint.
 """
@@ -8,6 +8,7 @@ written into each run directory and every checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import types
 import typing
@@ -25,7 +26,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 STAGES = ("eva", "cat")
 COMPAT_MODES = ("none", "authors")
-# The words the authors' code puts in its prompts, per dataset (official-checkpoints.md). "disgusted" is
+# The words the authors' code puts in its prompts, per dataset (docs/authors-checkpoints.md). "disgusted" is
 # one BPE token where "disgust" is two, which moves the end token. The authors have no AffectNet-8 or
 # FERPlus table; ceprompt uses the same words there, with "contempt" for the eighth class.
 AUTHORS_PROMPT_NAMES = {
@@ -38,6 +39,7 @@ AUTHORS_PROMPT_NAMES = {
 AUTHORS_RESIZE = {"rafdb": ("shorter", "bicubic"), "ferplus": ("shorter", "bicubic"),
                   "affectnet7": ("square", "bilinear"), "affectnet8": ("square", "bilinear")}
 CONFIG_DIR = Path(__file__).parents[1] / "configs"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -52,7 +54,7 @@ class BackboneConfig:
 @dataclass
 class DataConfig:
     dataset: str = "rafdb"  # rafdb, affectnet7, affectnet8, ferplus or folder
-    root: str | None = None  # dataset root folder, laid out as DESIGN.md section 4 / README describe
+    root: str | None = None  # dataset root folder, laid out as docs/method.md section 4 / README describe
     image_dir: str | None = None  # rafdb: image folder under root (default Image/aligned_224, else Image/aligned)
     classes: list[str] | None = None  # folder datasets: class order (default: sorted folder names)
     prompt_names: list[str] | None = None  # words for the classes in prompts (None: the class names; compat
@@ -60,7 +62,7 @@ class DataConfig:
     resize: str | None = None  # square (resize to size x size) or shorter (shorter side, centre crop); None: auto
     interpolation: str | None = None  # bicubic or bilinear; None: bicubic (compat authors: theirs per dataset)
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))  # normalisation, stored with checkpoints
-    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))  # per channel, as mean
     augment: str | None = None  # rafdb (resize + flip), affectnet (+ affine, erasing) or none; None: dataset's own
     balanced_sampler: bool | None = None  # draw classes equally (1/count weights); None: dataset's own (AffectNet)
     workers: int = 4  # data loading processes per GPU/process
@@ -106,7 +108,7 @@ class OptimConfig:
     weight_decay: float = 5e-4  # stage 1: only tensors with >= 2 dims
     layer_decay: float = 0.65  # stage 1 layer-wise decay
     momentum: float = 0.9  # sgd only
-    epochs: int = 50
+    epochs: int = 50  # passes over the training split
     warmup_epochs: float = 5  # linear warm-up from 0, per iteration
     batch_size: int = 128  # effective batch per optimiser step, over all processes and accumulation
     accum_steps: int = 1  # micro-batches per step (batch_size / (processes * accum_steps) per forward)
@@ -176,6 +178,9 @@ class Config:
         checks = [
             (self.stage in STAGES, f"stage={self.stage!r}; expected one of {STAGES}"),
             (o.name in ("adamw", "sgd"), f"optim.name={o.name!r}; expected adamw or sgd"),
+            (self.stage == "cat" or not self.backbone.init,
+             f"backbone.init={self.backbone.init!r} (--init) is the stage-1 checkpoint stage 2 starts from, but this "
+             "config trains stage 1 (stage: eva); leave --init out, or use a stage-2 config"),
             (o.min_lr <= o.lr, f"optim.min_lr={o.min_lr}; expected <= optim.lr ({o.lr})"),
             (o.warmup_epochs <= o.epochs, f"optim.warmup_epochs={o.warmup_epochs}; expected 0..optim.epochs"),
             (self.run.precision in ("auto", "fp32", "bf16", "fp16"),
@@ -379,6 +384,11 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
         _merge(cfg, _read_yaml(resolved), str(resolved))
     for text in overrides:
         _merge(cfg, parse_override(text), f"--set {text}")
+    b = cfg.backbone
+    if b.arch and b.path:
+        log.warning("backbone.arch=%s: training random weights of that architecture, NOT the CLIP %s; "
+                    "backbone.path is recorded as null", b.arch, b.path)
+        b.path = None
     return cfg.validate()
 
 

@@ -102,9 +102,10 @@ class OwnedDir:
     """A folder ceprompt is about to (re)create. :meth:`plan` checks, :meth:`open` acts."""
 
     def __init__(self, path: Path, kind: str, has_result: Callable[[Path], bool], overwrite: bool,
-                 protected: Sequence[str | os.PathLike | None] = ()) -> None:
+                 protected: Sequence[str | os.PathLike | None] = (), elsewhere: str = "choose another name") -> None:
         self.path = Path(path).expanduser()
         self.kind = kind  # "run directory", "demo folder": for messages
+        self.elsewhere = elsewhere  # how the user names another folder, e.g. "choose another folder with --out"
         self.has_result = has_result
         self.overwrite = overwrite
         self.protected = [Path(p).expanduser().resolve() for p in protected if p]
@@ -124,18 +125,18 @@ class OwnedDir:
             return self
         if not is_owned(p):
             raise ConfigError(f"{p}: exists, is not empty and was not created by ceprompt (no {MARKER} inside); "
-                              f"ceprompt never replaces such a folder, even with --overwrite: choose another name")
+                              f"ceprompt never replaces such a folder, even with --overwrite: {self.elsewhere}")
         holder = is_locked(p)
         if holder:
             raise ConfigError(f"{p}: in use by another ceprompt process (PID {holder})")
         if self.has_result(p) and not self.overwrite:
             hint = "continue it with --resume, " if self.kind == "run directory" else ""
             raise ConfigError(f"{p}: {self.kind} exists and is not empty; {hint}replace it with --overwrite, "
-                              "or choose another name")
+                              f"or {self.elsewhere}")
         resolved = p.resolve()
         for item in self.protected:
             if item == resolved or resolved in item.parents:
-                raise ConfigError(f"{p}: replacing it would delete {item}, which this job reads; choose another name")
+                raise ConfigError(f"{p}: replacing it would delete {item}, which this job reads; {self.elsewhere}")
         return self
 
     def _recover_aside(self) -> None:

@@ -10,10 +10,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 from .errors import ConfigError
 
@@ -97,3 +99,27 @@ def file_stem(name: str, limit: int = NAME_BYTES) -> str:
     digest = hashlib.sha256(raw).hexdigest()[:10]
     head = raw[: limit - 11].decode("utf-8", "ignore")
     return f"{head}-{digest}"
+
+
+def shown(path: str | os.PathLike) -> str:
+    """A path for a log line: absolute, with the home folder as ``~`` (never a ``../../..`` climb)."""
+    full = os.path.abspath(os.fspath(path))
+    home = os.path.expanduser("~")
+    return "~" + full[len(home):] if home not in ("", "/") and (full + os.sep).startswith(home + os.sep) else full
+
+
+@contextlib.contextmanager
+def removed_on_failure(path: str | os.PathLike) -> Iterator[None]:
+    """The folders of ``path`` that do not exist yet (an output folder the block creates) are removed again,
+    while empty, when the block fails: a failed command leaves no empty folder behind."""
+    full = Path(os.path.abspath(Path(path).expanduser()))
+    missing = [p for p in [full, *full.parents] if not p.exists()]
+    try:
+        yield
+    except BaseException:
+        for folder in missing:  # the deepest first
+            try:
+                folder.rmdir()
+            except OSError:  # not empty, or already gone: leave the rest
+                break
+        raise

@@ -1,6 +1,6 @@
 """The FER datasets: layouts, class orders, index validation and the torch Dataset.
 
-Layouts (DESIGN.md section 4), all read through the three-file index:
+Layouts (docs/method.md section 4), all read through the three-file index:
 
 =============  ============================  =========================  ======
 dataset        index files                   image paths relative to    labels
@@ -135,7 +135,7 @@ def _index_splits(root: Path, layout: DatasetLayout, image_dir: str | None, prob
     for rec in records:
         index = rec.label - layout.label_offset
         if not 0 <= index < n_classes:
-            problems.add(f"{info / layout.files[1]}: id {rec.id!r} has label {rec.label}, outside {lo}..{hi} "
+            problems.add(f"{info / layout.files[1]}:{rec.label_line}: id {rec.id!r} has label {rec.label}, outside {lo}..{hi} "
                          f"for {layout.name} ({n_classes} classes)")
             continue
         (train if rec.is_train else test).append(Sample(str(image_root / rec.path), index))
@@ -208,8 +208,7 @@ def load_splits(
     and missing or unreadable images are left out and recorded instead."""
     problems = Problems()
     splits = index_dataset(dataset, root, image_dir, classes, problems, allow_outside_root)
-    problems.raise_if_any(f"dataset {dataset} at {splits.root}")
-    samples = splits.train + splits.test
+    samples = splits.train + splits.test  # what the index gives despite its problems: all are reported at once
     if verify_images or skip_bad_images:
         reasons = [info.problem for info in scan_images(samples, full=skip_bad_images, workers=workers)]
     else:
@@ -218,7 +217,8 @@ def load_splits(
     if bad and not skip_bad_images:
         for path, reason in bad.items():
             problems.add(f"{path}: {reason}")
-        problems.raise_if_any(f"dataset {dataset} at {splits.root} (use --skip-bad-images to leave them out)")
+    hint = " (--skip-bad-images leaves unreadable images out)" if bad and not skip_bad_images else ""
+    problems.raise_if_any(f"dataset {dataset} at {splits.root}{hint}")
     if bad:
         splits.train = [s for s in splits.train if s.path not in bad]
         splits.test = [s for s in splits.test if s.path not in bad]

@@ -46,6 +46,7 @@ class Record:
     path: str
     label: int  # as written in the file (before any offset)
     is_train: bool
+    label_line: int = 0  # where the label is in the labels file, for messages
 
 
 def read_pairs(path: Path, problems: Problems) -> dict[str, tuple[str, int]] | None:
@@ -108,7 +109,7 @@ def read_index(folder: Path, names: tuple[str, str, str] = (IMAGES, LABELS, SPLI
             if split_text not in ("0", "1"):
                 problems.add(f"{folder / names[2]}:{split_line}: split {split_text!r} must be 1 (train) or 0 (test)")
                 continue
-            records.append(Record(id=key, path=rel, label=label, is_train=split_text == "1"))
+            records.append(Record(id=key, path=rel, label=label, is_train=split_text == "1", label_line=label_line))
     if own:
         problems.raise_if_any(f"dataset index in {folder}")
     return records

@@ -1,4 +1,4 @@
-"""Image preprocessing (DESIGN.md section 4), split into a deterministic resize and the rest.
+"""Image preprocessing (docs/method.md section 4), split into a deterministic resize and the rest.
 
 RAF-DB training: bicubic resize, random horizontal flip. AffectNet training: resize, flip,
 with p = 0.7 a random affine (+-20 deg, scale 0.8-1.0, translate 0.2), random erasing. Test:

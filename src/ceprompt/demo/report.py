@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import random
 import shutil
 from pathlib import Path
 from typing import Any
@@ -18,28 +19,44 @@ from PIL import Image  # noqa: E402
 from ..engine.plots import plot_curves  # noqa: E402
 
 
-def plot_examples(predictions_csv: Path, path: Path, n: int = 21, columns: int = 7) -> Path:
-    """Test faces with true and predicted labels (green when right, red when wrong)."""
+def representative_examples(rows: list[dict[str, str]], per_class: int, seed: int = 0) -> list[list[dict[str, str]]]:
+    """Per class, ``per_class`` test faces, right and wrong in the proportion of that class's accuracy, drawn at
+    random (seeded): a grid that shows the result, not the first files of the split."""
+    rng = random.Random(seed)
+    picked = []
+    for name in dict.fromkeys(row["true"] for row in rows):
+        group = [row for row in rows if row["true"] == name]
+        right = [row for row in group if row["predicted"] == name]
+        wrong = [row for row in group if row["predicted"] != name]
+        k = min(per_class, len(group))
+        n_wrong = min(len(wrong), k - min(len(right), round(k * len(right) / len(group))))
+        picked.append(rng.sample(right, k - n_wrong) + rng.sample(wrong, n_wrong))
+    return picked
+
+
+def plot_examples(predictions_csv: Path, path: Path, per_class: int = 3, seed: int = 0) -> Path:
+    """Test faces with true and predicted labels (green when right, red when wrong), a column per class, picked
+    by :func:`representative_examples`; the title says how many are right, here and in the whole test split."""
     with open(predictions_csv, newline="") as fh:
         rows = list(csv.DictReader(fh))
-    # spread over the classes: take rows in turn from each true class
-    by_class: dict[str, list[dict[str, str]]] = {}
-    for row in rows:
-        by_class.setdefault(row["true"], []).append(row)
-    picked: list[dict[str, str]] = []
-    while len(picked) < min(n, len(rows)):
-        for group in by_class.values():
-            if group and len(picked) < n:
-                picked.append(group.pop(0))
-    n_rows = (len(picked) + columns - 1) // columns
-    fig, axes = plt.subplots(n_rows, columns, figsize=(1.9 * columns, 2.2 * n_rows), squeeze=False)
+    by_class = representative_examples(rows, per_class, seed)
+    fig, axes = plt.subplots(per_class, len(by_class), figsize=(1.9 * len(by_class), 2.2 * per_class + 0.7),
+                             squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, row in zip(axes.flat, picked):
-        ax.imshow(Image.open(row["path"]).convert("RGB"))
-        right = row["true"] == row["predicted"]
-        ax.set_title(f"true {row['true']}\npred {row['predicted']}", fontsize=9,
-                     color="darkgreen" if right else "firebrick")
+    for column, examples in enumerate(by_class):
+        for row, example in enumerate(examples):
+            ax = axes[row][column]
+            ax.imshow(Image.open(example["path"]).convert("RGB"))
+            right = example["true"] == example["predicted"]
+            ax.set_title(f"true {example['true']}\npred {example['predicted']}", fontsize=9,
+                         color="darkgreen" if right else "firebrick")
+    shown = [example for examples in by_class for example in examples]
+    shown_right = sum(e["true"] == e["predicted"] for e in shown)
+    all_right = sum(row["true"] == row["predicted"] for row in rows)
+    fig.suptitle(f"{per_class} test faces per class, right and wrong in proportion to the class's accuracy: "
+                 f"{shown_right} of {len(shown)} right here; {all_right} of {len(rows)} "
+                 f"({all_right / max(len(rows), 1):.1%}) in the whole test split", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -56,7 +73,9 @@ def results_markdown(results: dict[str, Any]) -> str:
     seeds = results.get("seeds", [])
     lines += [f"{results['n_train']} training and {results['n_test']} test images"
               + (f"; mean ± sample standard deviation over seeds {', '.join(map(str, seeds))}" if several else "")
-              + f"; {results.get('threads', '?')} CPU thread(s), {results.get('precision', 'fp32')}.", "",
+              + f"; {results.get('threads', '?')} CPU thread(s), {results.get('precision', 'fp32')}"
+              + (f"; demo CLIP: {results['demo_clip']['which']} ({results['demo_clip']['pretraining_steps']} "
+                 "pretraining steps)" if results.get("demo_clip") else "") + ".", "",
               "| step | seconds |", "|---|---|"]
     lines += [f"| {step} | {seconds:.1f} |" for step, seconds in results["seconds"].items()]
     return "\n".join(lines) + "\n"

@@ -7,6 +7,7 @@ evaluator as real data; the configs are ``configs/demo_stage{1,2}.yaml``.
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import time
@@ -39,11 +40,10 @@ class DemoPlan:
     overrides: tuple[str, ...] = field(default_factory=tuple)
 
 
-# Measured on 2 CPU cores (README): the full plan about 5 minutes on a first run, 1.5 with its CLIP cached;
-# the quick one about 1.5 and 0.5. With 200 pretraining steps instead of 400 the quick demo CLIP collapsed
-# (stage 1 stayed at chance). Stage 2 needs 6 epochs even in the quick plan: it starts from its own
-# prompts, which the demo CLIP's text tower puts far from stage 1's, and with 3 epochs it landed
-# anywhere from 0.48 to 0.65 over seeds 0-3 (stage 1: 0.61); with 6, at 0.63-0.64 for all four.
+# The times and accuracies of both plans are measured by benchmarks/demo_benchmark.py and quoted in README (one
+# source). With 200 pretraining steps instead of 400 the quick demo CLIP collapsed (stage 1 stayed at chance).
+# Stage 2 needs 6 epochs even in the quick plan: it starts from its own prompts, which the demo CLIP's text tower
+# puts far from stage 1's, and with 3 epochs its accuracy varied widely over seeds.
 FULL = DemoPlan(n_train=2800, n_test=700, pretrain=PretrainSettings(), stage1_epochs=12, stage2_epochs=6)
 QUICK = DemoPlan(n_train=1050, n_test=350, pretrain=PretrainSettings(steps=400), stage1_epochs=6, stage2_epochs=6,
                  overrides=("run.eval_every=3",))
@@ -64,7 +64,8 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, 
     """
     check("seeds", seeds, Range(1, 100, integer=True))
     plan = QUICK if quick else FULL
-    owned = OwnedDir(Path(out), "demo folder", _has_report, overwrite).plan()
+    owned = OwnedDir(Path(out), "demo folder", _has_report, overwrite,
+                     elsewhere="choose another folder with --out").plan()
     with owned.replacing() as folder:
         return _run(folder, plan, quick, seed, seeds, workers, progress, threads, precision)
 
@@ -89,7 +90,9 @@ def _run(out: Path, plan: DemoPlan, quick: bool, seed: int, seeds: int, workers:
     cached_full = cached_clip(FULL.pretrain)
     if quick and cached_full is not None:
         log.info("quick demo: using the cached full demo CLIP")
-    clip = cached_full if quick and cached_full else demo_clip_path(plan.pretrain, progress=progress, workers=workers)
+    reused_full = bool(quick and cached_full)
+    clip = cached_full if reused_full else demo_clip_path(plan.pretrain, progress=progress, workers=workers)
+    clip_steps = (FULL if reused_full or not quick else QUICK).pretrain.steps
     lap("demo CLIP", t0)
 
     common = [f"backbone.path={clip}", f"data.root={data}", f"run.progress={str(progress).lower()}",
@@ -123,13 +126,27 @@ def _run(out: Path, plan: DemoPlan, quick: bool, seed: int, seeds: int, workers:
         "quick": quick,
         "seeds": [p["seed"] for p in per_seed],
         "per_seed": per_seed,
-        "threads": used_threads,
+        "threads": _threads_used([Path(r) for p in per_seed for r in p["runs"]], used_threads),
+        "demo_clip": {"path": str(clip), "pretraining_steps": clip_steps,
+                      "which": "the full demo's, cached" if reused_full else ("the quick demo's" if quick else
+                                                                               "the full demo's")},
         "precision": resolve_precision(precision, torch.device("cpu")),
         "seconds": timings,
         "runs": {"zero_shot": str(out / "zero_shot"), "stage1": per_seed[0]["runs"][0], "stage2": per_seed[0]["runs"][1]},
     }
     write_demo_report(out / "report", results, Path(per_seed[0]["runs"][0]), Path(per_seed[0]["runs"][1]))
     return results
+
+
+def _threads_used(runs: list[Path], fallback: int) -> str:
+    """The CPU thread counts the stages really ran with (each epoch's, from summary.csv): "2", or "1-2"."""
+    counts = set()
+    for run in runs:
+        with open(run / "summary.csv", newline="") as fh:
+            counts.update(int(row["threads"]) for row in csv.DictReader(fh) if row.get("threads"))
+    if not counts:
+        return str(fallback)
+    return str(min(counts)) if len(counts) == 1 else f"{min(counts)}-{max(counts)}"
 
 
 def _metrics(run: Path) -> dict[str, float]:

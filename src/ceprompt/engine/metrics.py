@@ -1,4 +1,4 @@
-"""Classification metrics over a whole test set (DESIGN.md section 5).
+"""Classification metrics over a whole test set (docs/method.md section 5).
 
 Accuracy is counted over samples, not averaged over batches (the reference's mistake when the
 last batch is smaller).

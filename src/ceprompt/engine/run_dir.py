@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -17,10 +18,10 @@ from typing import Any, Callable
 
 from ..core.config import Config
 from ..core.errors import CepromptError, ConfigError
-from ..core.io_utils import atomic_write
+from ..core.io_utils import atomic_write, verified_sha256
 from ..core.owned_dirs import OwnedDir
 from ..core.paths import escapes
-from ..weights.checkpoint import RESUME_NAME
+from ..weights.checkpoint import RESUME_NAME, kept_copy
 from .runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,8 @@ def plan_run(cfg: Config, rt: Runtime, resume: str | Path | None, overwrite: boo
         return None, run_dir
     path = run_dir_path(cfg, rt)
     protected = [cfg.data.root, cfg.backbone.path, cfg.backbone.init]
-    owned = OwnedDir(path, "run directory", has_checkpoint, overwrite, protected)
+    owned = OwnedDir(path, "run directory", has_checkpoint, overwrite, protected,
+                     elsewhere="choose another name with --name (or another parent with --output-dir)")
     on_rank0(rt, owned.plan)
     return owned, path
 
@@ -127,3 +129,29 @@ def truncate_summary(run_dir: Path, epochs_done: int) -> None:
     with open(path, newline="") as fh:
         rows = [r for r in csv.DictReader(fh) if int(r["epoch"]) <= epochs_done]
     write_summary(run_dir, rows)
+
+
+def keep_best(run_dir: Path) -> Path | None:
+    """Before a resumed run can replace ``checkpoints/best.safetensors`` (a better epoch, a new temperature),
+    link the current file under its hash: stage-2 runs built on it record that hash and find the copy."""
+    best = run_dir / "checkpoints" / "best.safetensors"
+    if not best.is_file():
+        return None
+    kept = kept_copy(best, verified_sha256(best))
+    if not kept.exists():
+        try:
+            os.link(best, kept)  # no copy of the data: the replacement gets a new file, this one stays
+        except OSError:
+            shutil.copy2(best, kept)
+    return kept
+
+
+def settle_kept_best(run_dir: Path, kept: Path | None) -> None:
+    """After the resumed run: drop the copy when ``best.safetensors`` is still that file, else say where it is."""
+    best = run_dir / "checkpoints" / "best.safetensors"
+    if kept is None or not kept.is_file():
+        return
+    if best.is_file() and kept_copy(best, verified_sha256(best)) == kept:
+        kept.unlink()
+        return
+    log.info("best.safetensors changed; the previous one is kept as %s, so runs built on it still load", kept)

@@ -11,6 +11,7 @@ import logging
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -40,10 +41,12 @@ from .run_dir import (
     append_summary,
     attach_log_file,
     check_free_space,
+    keep_best,
     on_rank0,
     plan_run,
     remove_stale_temporaries,
     rt_gather_path,
+    settle_kept_best,
     truncate_summary,
 )
 from .runtime import Runtime, epoch_seed, seed_everything, setup_runtime, teardown_runtime, usable_workers
@@ -140,12 +143,18 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.precision == "fp16")
         self.net: nn.Module = self.model
         if rt.distributed:
-            self.net = DistributedDataParallel(self.model, device_ids=[rt.device.index] if rt.device.type == "cuda"
-                                               else None, broadcast_buffers=False)
+            # The teacher cache buffers are each process's own: they must never be synced, at init or later.
+            # torch deprecates broadcast_buffers but keeps it for exactly this (its forward_sync_buffers=False
+            # still syncs at init), and warns every process about it: a warning that asks nothing of the user.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
+                self.net = DistributedDataParallel(self.model, device_ids=[rt.device.index]
+                                                   if rt.device.type == "cuda" else None, broadcast_buffers=False)
         self.steps_per_epoch = math.ceil(len(self.loader) / o.accum_steps)
         self.total_steps = self.steps_per_epoch * o.epochs
         self.warmup_steps = round(o.warmup_epochs * self.steps_per_epoch)
         self.start_epoch, self.best_accuracy, self.best_epoch = 0, -1.0, -1
+        self.kept_best: Path | None = None  # a resumed run's previous best, for the runs built on it
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.writer = None
         self.on_checkpoint: Callable[[], None] = lambda: None
@@ -201,6 +210,8 @@ class Trainer:
                               f"({str(exc).splitlines()[0][:160]})") from None
         self.scaler.load_state_dict(state["scaler"])
         self.start_epoch = int(state["epoch"])
+        if self.rt.is_main:
+            self.kept_best = keep_best(self.run_dir)
         self.best_accuracy, self.best_epoch = float(state["best_accuracy"]), int(state["best_epoch"])
         if self.rt.is_main:
             truncate_summary(self.run_dir, self.start_epoch)
@@ -332,6 +343,8 @@ class Trainer:
             rt.barrier()
         if cfg.run.final_eval:
             self.final_eval()
+        if rt.is_main:
+            settle_kept_best(self.run_dir, self.kept_best)
         if self.writer is not None:
             self.writer.close()
         return self.run_dir

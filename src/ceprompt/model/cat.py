@@ -1,4 +1,4 @@
-"""Stage 2, CAT: the conception-appearance tuner (DESIGN.md section 3).
+"""Stage 2, CAT: the conception-appearance tuner (docs/method.md section 3).
 
 The CLIP (with stage-1 weights already loaded) is frozen; only the prompt learner trains.
 Text and vision prompts are coupled: each vision prompt is a linear map of a text prompt.

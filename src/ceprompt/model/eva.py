@@ -1,4 +1,4 @@
-"""Stage 1, EVA: emotion-conception-guided tuning of the upper vision blocks (DESIGN.md section 2).
+"""Stage 1, EVA: emotion-conception-guided tuning of the upper vision blocks (docs/method.md section 2).
 
 The vision blocks from ``fix_layer`` up, ``ln_post`` and the projection train; everything else
 is frozen. A frozen copy of the original upper blocks is the distillation teacher. The lower

@@ -1,4 +1,4 @@
-"""The shared scoring head ("emotion conception guidance", DESIGN.md section 1).
+"""The shared scoring head ("emotion conception guidance", docs/method.md section 1).
 
 Both stages score an image against class text embeddings the same way: a global
 score from the class token and a local score from the top-k patch similarities,

@@ -1,6 +1,6 @@
 """Text prompts: the fixed class prompts of stage 1 and the learnable coupled prompts of stage 2.
 
-Stage 2's prompt learner (DESIGN.md section 3) holds *all* learnable state of CAT:
+Stage 2's prompt learner (docs/method.md section 3) holds *all* learnable state of CAT:
 
 * ``ctx`` - n_ctx context vectors replacing the first n_ctx tokens of the init phrase,
 * ``invariant`` - an optional class-invariant token placed before them,

@@ -30,7 +30,7 @@ from .guard import Guard
 log = logging.getLogger(__name__)
 DEFAULT_MAX_UPLOAD = 10_000_000
 ALLOWED_TYPES = ("image/", "application/octet-stream")
-STATIC = {"app.js": "text/javascript", "app.css": "text/css"}
+STATIC = {"app.js": "text/javascript", "app.css": "text/css", "favicon.svg": "image/svg+xml"}
 
 
 def _png_data_url(image: Image.Image) -> str:
@@ -73,6 +73,10 @@ def create_app(rec: Recognizer, max_upload_bytes: int = DEFAULT_MAX_UPLOAD):  # 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> str:
         return page
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> Response:  # browsers ask for it whatever the page says; no 404 in every log
+        return Response(assets["favicon.svg"], media_type=STATIC["favicon.svg"])
 
     @app.get("/static/{name}", include_in_schema=False)
     async def asset(name: str) -> Response:

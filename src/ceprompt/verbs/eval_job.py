@@ -9,20 +9,19 @@ from typing import Any, Sequence
 
 from ..core.config import Config
 from ..core.errors import CheckpointError, ConfigError
-from ..core.paths import output_dir
+from ..core.paths import output_dir, removed_on_failure
 from ..core.ranges import POSITIVE_INT, check
 from ..data.datasets import FERDataset, load_splits
 from ..data.transforms import test_transform
 from ..engine.evaluate import evaluate, format_metrics, write_report
-from ..engine.runtime import setup_runtime, teardown_runtime
+from ..engine.runtime import Runtime, setup_runtime, teardown_runtime
 from ..weights.build import build_zero_shot, load_trained, preprocess_from_config
 
 log = logging.getLogger(__name__)
 
 
-def _out_dir(out: str | Path | None, overwrite: bool) -> Path:
-    path = Path(out).expanduser() if out else Path("runs") / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
-    return output_dir(path, "--out", must_be_empty=True, overwrite=overwrite)
+def _out_path(out: str | Path | None) -> Path:
+    return Path(out).expanduser() if out else Path("runs") / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def run_eval(
@@ -46,41 +45,51 @@ def run_eval(
         raise ConfigError("give either a checkpoint or --zero-shot with a backbone")
     check("batch_size", batch_size, POSITIVE_INT)
     rt = setup_runtime(device, precision)
+    out_path = _out_path(out)
     try:
-        out_dir = _out_dir(out, overwrite) if rt.is_main else None  # before any model or data is loaded
-        if checkpoint is not None:
-            loaded = load_trained(checkpoint, overrides)
-            model, class_names, pre = loaded.model, loaded.class_names, loaded.preprocess
-            dataset = dataset or loaded.meta.get("dataset", "rafdb")
-            source = {"checkpoint": str(loaded.path), "stage": loaded.meta["stage"]}
-        else:
-            cfg = zero_shot_config
-            dataset = dataset or cfg.data.dataset
-            class_names = None
-            source = {"zero_shot": True, "backbone": cfg.backbone.path or cfg.backbone.arch}
-        splits = load_splits(dataset, data_root, verify_images=False, allow_outside_root=allow_outside_root)
-        if dataset == "folder" and class_names and set(splits.class_names) == set(class_names):
-            splits = load_splits(dataset, data_root, classes=class_names, verify_images=False)  # checkpoint's order
-        if checkpoint is None:
-            class_names = splits.class_names
-            built = build_zero_shot(cfg, class_names)
-            model, pre = built.model, preprocess_from_config(cfg, built.spec)
-        if list(splits.class_names) != list(class_names):
-            raise CheckpointError(f"{checkpoint}: trained for classes {class_names} but {dataset} at {data_root} "
-                                  f"has {splits.class_names}")
-        samples = splits.test if split == "test" else splits.train
-        if not samples:
-            raise ConfigError(f"{dataset} at {data_root}: the {split} split is empty")
-        data = FERDataset(samples, pre.resize(), test_transform(pre))
-        model = model.to(rt.device)
-        metrics, scores = evaluate(model, data, class_names, rt, batch_size, workers, progress)
-        if rt.is_main:
-            extra = {**source, "dataset": dataset, "data_root": str(data_root), "split": split}
-            write_report(out_dir, data, class_names, scores, metrics, extra=extra)
-            log.info("%s %s: %s", dataset, split, format_metrics(metrics))
-            log.info("report written to %s", out_dir)
-            metrics["out_dir"] = str(out_dir)
-        return metrics
+        with removed_on_failure(out_path):
+            return _evaluate(rt, out_path, overwrite, data_root, checkpoint, zero_shot_config, dataset, split,
+                             batch_size, workers, progress, allow_outside_root, overrides)
     finally:
         teardown_runtime(rt)
+
+
+def _evaluate(rt: Runtime, out_path: Path, overwrite: bool, data_root: str | Path, checkpoint: str | Path | None,
+              zero_shot_config: Config | None, dataset: str | None, split: str, batch_size: int, workers: int,
+              progress: bool, allow_outside_root: bool, overrides: Sequence[str]) -> dict[str, Any]:
+    # the output folder is checked before any model or data is loaded
+    out_dir = output_dir(out_path, "--out", must_be_empty=True, overwrite=overwrite) if rt.is_main else None
+    if checkpoint is not None:
+        loaded = load_trained(checkpoint, overrides)
+        model, class_names, pre = loaded.model, loaded.class_names, loaded.preprocess
+        dataset = dataset or loaded.meta.get("dataset", "rafdb")
+        source = {"checkpoint": str(loaded.path), "stage": loaded.meta["stage"]}
+    else:
+        cfg = zero_shot_config
+        dataset = dataset or cfg.data.dataset
+        class_names = None
+        source = {"zero_shot": True, "backbone": cfg.backbone.path or cfg.backbone.arch}
+    splits = load_splits(dataset, data_root, verify_images=False, allow_outside_root=allow_outside_root)
+    if dataset == "folder" and class_names and set(splits.class_names) == set(class_names):
+        splits = load_splits(dataset, data_root, classes=class_names, verify_images=False)  # checkpoint's order
+    if checkpoint is None:
+        class_names = splits.class_names
+        built = build_zero_shot(cfg, class_names)
+        model, pre = built.model, preprocess_from_config(cfg, built.spec)
+    if list(splits.class_names) != list(class_names):
+        raise CheckpointError(f"{checkpoint}: trained for classes {class_names} but {dataset} at {data_root} "
+                              f"has {splits.class_names}")
+    samples = splits.test if split == "test" else splits.train
+    if not samples:
+        raise ConfigError(f"{dataset} at {data_root}: the {split} split is empty")
+    data = FERDataset(samples, pre.resize(), test_transform(pre))
+    model = model.to(rt.device)
+    metrics, scores = evaluate(model, data, class_names, rt, batch_size, workers, progress)
+    if rt.is_main:
+        extra = {**source, "dataset": dataset, "data_root": str(data_root), "split": split}
+        write_report(out_dir, data, class_names, scores, metrics, extra=extra)
+        log.info("%s %s: %s", dataset, split, format_metrics(metrics))
+        log.info("report written to %s", out_dir)
+        metrics["out_dir"] = str(out_dir)
+    return metrics
 

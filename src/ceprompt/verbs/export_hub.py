@@ -1,4 +1,4 @@
-"""``ceprompt export hub``: a trained model as one self-contained folder, ready for ``huggingface-cli upload``.
+"""``ceprompt export hub``: a trained model as one self-contained folder, ready for ``hf upload``.
 
 The folder holds:
 

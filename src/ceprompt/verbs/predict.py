@@ -23,11 +23,10 @@ from ..api import Explanation, FaceResult, Recognizer
 from ..core.errors import CepromptError, ConfigError
 from ..core.paths import file_stem, output_dir, output_file
 from ..core.ranges import POSITIVE_INT, check
-from ..data.images import IMAGE_SUFFIXES
+from ..data.images import IMAGE_SUFFIXES, VIDEO_SUFFIXES
 from .drawing import annotate, explanation_image, save_png
 
 log = logging.getLogger(__name__)
-VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v"}
 # Encoder per annotated-video container (the source's own suffix is kept); webm takes only VP8/VP9/AV1.
 VIDEO_CODECS = {".webm": "libvpx"}
 DEFAULT_VIDEO_CODEC = "mpeg4"

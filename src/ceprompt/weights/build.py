@@ -22,13 +22,14 @@ from torch import nn
 from ..core.config import BackboneConfig, Config, config_from_dict, parse_override
 from ..core.errors import CheckpointError, ConfigError
 from ..core.io_utils import verified_sha256
+from ..core.paths import shown
 from ..data.transforms import Preprocess, preprocess_for
 from ..model.cat import CATModel
 from ..model.clip import ClipSpec, build_clip, get_arch
 from ..model.eva import EVAModel
 from ..model.head import HeadConfig
 from ..model.trainable import load_trainable
-from .checkpoint import non_finite, read_checkpoint, validate_meta
+from .checkpoint import kept_copy, non_finite, read_checkpoint, validate_meta
 from .clip_files import load_clip
 from .hub import HF_PREFIX, download_model, is_name, resolve_clip
 
@@ -49,7 +50,7 @@ def locate_clip(value: str) -> tuple[Path, str | None, bool | None]:
     if path.exists() or not is_name(value):
         return path, None, None
     resolved = resolve_clip(value)
-    log.info("CLIP %s: %s", resolved.name, resolved.path)
+    log.info("CLIP %s: %s", resolved.name, shown(resolved.path))
     return resolved.path, resolved.name, resolved.quick_gelu
 
 
@@ -90,7 +91,7 @@ def resolve_recorded(record: dict[str, Any], checkpoint: Path, what: str) -> tup
     base = checkpoint.parent
     candidates = [base / record["relpath"]] if isinstance(record.get("relpath"), str) else []
     candidates.append(Path(raw) if Path(raw).is_absolute() else base / raw)
-    candidates = [Path(os.path.normpath(c)) for c in candidates]
+    candidates = [Path(os.path.abspath(c)) for c in candidates]
     found = next((c for c in candidates if c.exists()), None)
     if found is None:
         raise CheckpointError(f"{checkpoint}: its {what} {candidates[-1]} is missing; restore it there")
@@ -99,6 +100,11 @@ def resolve_recorded(record: dict[str, Any], checkpoint: Path, what: str) -> tup
         log.warning("%s: no SHA-256 recorded for its %s %s; it is used unverified", checkpoint, what, found)
         return found, None
     got = verified_sha256(found)
+    kept = kept_copy(found, str(want))
+    if got != want and kept.is_file() and verified_sha256(kept) == want:
+        log.info("%s: its %s %s has changed since (a resumed run); using the copy kept as %s", checkpoint, what,
+                 found, kept.name)
+        return kept, want
     if got != want:
         raise CheckpointError(f"{checkpoint}: its {what} {found} is not the file it was made with (SHA-256 "
                               f"{got[:16]}... now, {str(want)[:16]}... recorded); restore that file or retrain")
@@ -177,9 +183,17 @@ class BuiltModel:
     init: dict[str, Any] | None  # stage 2: the stage-1 checkpoint it builds on
 
 
+def check_top_k(cfg: Config, spec: ClipSpec) -> None:
+    """A run's top-k must be possible on its model (the head would clamp it, and the config would say otherwise)."""
+    if cfg.head.top_k > spec.num_patches:
+        raise ConfigError(f"head.top_k={cfg.head.top_k}, but this CLIP ({spec.describe()}) has {spec.num_patches} "
+                          f"patches; expected 1..{spec.num_patches}")
+
+
 def build_for_training(cfg: Config, class_names: Sequence[str]) -> BuiltModel:
     if cfg.stage == "eva":
         backbone = load_backbone(cfg.backbone)
+        check_top_k(cfg, backbone.spec)
         return BuiltModel(_stage1_model(cfg, backbone.clip, class_names, training=True), backbone.spec,
                           backbone.record, None)
     if not cfg.backbone.init:
@@ -195,6 +209,7 @@ def build_for_training(cfg: Config, class_names: Sequence[str]) -> BuiltModel:
                                   "the stage-1 backbone: leave backbone.path unset")
     else:
         backbone = backbone_from_record(init_meta["backbone"], init_path)
+    check_top_k(cfg, backbone.spec)
     init = _load_stage1_into(backbone, stage1)
     if list(init["class_names"]) != list(class_names):
         log.warning("stage-1 checkpoint was trained for classes %s; stage 2 uses %s", init["class_names"], class_names)
@@ -204,6 +219,7 @@ def build_for_training(cfg: Config, class_names: Sequence[str]) -> BuiltModel:
 def build_zero_shot(cfg: Config, class_names: Sequence[str]) -> BuiltModel:
     """Plain CLIP scored with the stage-1 prompts and the same head: the baseline."""
     backbone = load_backbone(cfg.backbone)
+    check_top_k(cfg, backbone.spec)
     model = _stage1_model(cfg, backbone.clip, class_names, training=False, zero_shot=True)
     return BuiltModel(model, backbone.spec, backbone.record, None)
 

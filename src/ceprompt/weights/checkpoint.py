@@ -22,6 +22,7 @@ import torch
 from .. import __version__
 from ..core.errors import CheckpointError, TrainingError
 from ..core.io_utils import atomic_write
+from ..data.images import IMAGE_SUFFIXES, VIDEO_SUFFIXES
 
 META_KEY = "ceprompt.meta"
 KIND = "ceprompt-checkpoint"
@@ -58,19 +59,31 @@ def save_checkpoint(path: str | os.PathLike, tensors: dict[str, torch.Tensor], m
     return path
 
 
-# In a folder: a run directory's best, else last checkpoint; an imported model's latest stage.
+def kept_copy(path: Path, sha256: str) -> Path:
+    """Where a checkpoint that a resumed run replaces is kept, named by its hash: the runs built on it record
+    that hash, and find the file there (``best.safetensors`` -> ``best-0123456789ab.safetensors``)."""
+    return path.with_name(f"{path.stem}-{sha256[:12]}{path.suffix}")
+
+
+# In a folder: a run directory's best, else last checkpoint; an imported model's latest stage; a demo folder's
+# stage 2 (of its first seed, with --seeds).
 FOLDER_CHECKPOINTS = ("checkpoints/best.safetensors", "checkpoints/last.safetensors", "stage2.safetensors",
-                      "stage1.safetensors")
+                      "stage1.safetensors", "stage2/checkpoints/best.safetensors",
+                      "seed-*/stage2/checkpoints/best.safetensors")
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """A ``.safetensors`` file, its ``.json`` sidecar, or a folder (see :data:`FOLDER_CHECKPOINTS`)."""
     path = Path(path).expanduser()
     if path.is_dir():
-        for name in FOLDER_CHECKPOINTS:
-            if (path / name).is_file():
-                return path / name
+        for pattern in FOLDER_CHECKPOINTS:
+            found = sorted(f for f in path.glob(pattern) if f.is_file())
+            if found:
+                return found[0]
         raise CheckpointError(f"{path}: no checkpoint inside (looked for {', '.join(FOLDER_CHECKPOINTS)})")
+    if path.suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES:
+        raise CheckpointError(f"{path}: an image or video, not a model; the model comes first, as in "
+                              "`ceprompt predict MODEL PHOTOS...`")
     if path.suffix == ".json":
         path = path.with_suffix(".safetensors")
     if not path.is_file():

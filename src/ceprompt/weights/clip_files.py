@@ -31,6 +31,7 @@ from open_clip.model import CLIP
 from .. import __version__
 from ..core.errors import CheckpointError
 from ..core.io_utils import atomic_write, sha256_file
+from ..core.paths import shown
 from ..model.clip import ClipSpec, build_clip, infer_spec
 from .torchscript_data import archive_tensors, read_archive
 
@@ -312,7 +313,7 @@ def load_clip(path: str | os.PathLike, quick_gelu: bool | None = None) -> Loaded
             f"{path}: weights do not fit the inferred architecture ({spec.describe()}): "
             f"missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}"
         )
-    log.info("loaded CLIP %s (%s) from %s", spec.describe(), fmt, path)
+    log.info("loaded CLIP %s (%s) from %s", spec.describe(), fmt, shown(path))
     return LoadedClip(model=model.eval(), spec=spec, path=Path(path), format=fmt)
 
 
@@ -344,6 +345,8 @@ def convert_clip(src: str | os.PathLike, dst: str | os.PathLike, overwrite: bool
                  quick_gelu: bool | None = None) -> LoadedClip:
     """``ceprompt convert``: any supported CLIP file to a plain safetensors copy plus JSON sidecar."""
     dst = Path(dst)
+    if dst.suffix != ".safetensors":
+        raise CheckpointError(f"{dst}: the output file must end in .safetensors")
     for target in (dst, dst.with_suffix(".json")):
         if target.exists() and not overwrite:
             raise CheckpointError(f"{target}: already exists; pass --overwrite to replace it")

@@ -13,12 +13,17 @@ Files come from the Hugging Face cache (``$HF_HUB_CACHE``, ``$HF_HOME``), downlo
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import os
 import posixpath
+import socket
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from ..core.errors import CheckpointError
 
@@ -56,12 +61,56 @@ def _registry(value: str) -> tuple[str, str, dict[str, Any]] | None:
     return (model, tag, cfg) if cfg else None
 
 
+def hub_command(verb: str) -> str:
+    """The installed huggingface_hub's command line for ``verb`` (upload, download): ``hf`` since 0.34 (1.0 and
+    later have no ``huggingface-cli``), ``huggingface-cli`` before."""
+    import importlib.metadata as md
+
+    try:
+        major, minor = (int("".join(c for c in part if c.isdigit()) or 0)
+                        for part in md.version("huggingface_hub").split(".")[:2])
+    except (md.PackageNotFoundError, ValueError):
+        return f"hf {verb}"
+    return f"hf {verb}" if (major, minor) >= (0, 34) else f"huggingface-cli {verb}"
+
+
+@functools.lru_cache(maxsize=1)
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hub answers at all. Without a network huggingface_hub retries for most of a minute, with a
+    warning per attempt; ceprompt asks once, quickly, and otherwise reads the cache only, saying so once.
+    ``HF_HUB_OFFLINE=1`` means no; behind a proxy the answer is left to huggingface_hub."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    endpoint = urlparse(constants.ENDPOINT)
+    host, port = endpoint.hostname or "huggingface.co", endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    answered: list[bool] = []
+
+    def probe() -> None:  # in a thread: a stuck name lookup cannot be given a timeout otherwise
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            answered.append(True)
+        except OSError:
+            answered.append(False)
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout + 1)
+    if not (answered and answered[0]):
+        log.warning("the Hugging Face Hub (%s) cannot be reached: using the local cache (%s) only",
+                    host, constants.HF_HUB_CACHE)
+        return False
+    return True
+
+
 def _offline_hint(repo: str, files: tuple[str, ...], revision: str | None = None) -> str:
     from huggingface_hub import constants
 
     at = f" --revision {revision}" if revision else ""
     return (f"needs {' or '.join(files)} from the Hugging Face repo {repo}, which is not in the cache "
-            f"({constants.HF_HUB_CACHE}); when online run `huggingface-cli download {repo} {files[0]}{at}` "
+            f"({constants.HF_HUB_CACHE}); when online run `{hub_command('download')} {repo} {files[0]}{at}` "
             "(or any ceprompt command once), or put the files there")
 
 
@@ -72,7 +121,8 @@ def _download(repo: str, filename: str, revision: str | None = None) -> Path | N
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
-        return Path(hf_hub_download(repo_id=repo, filename=filename, revision=revision))
+        return Path(hf_hub_download(repo_id=repo, filename=filename, revision=revision,
+                                    local_files_only=not hub_reachable()))
     except (EntryNotFoundError, LocalEntryNotFoundError):
         return None
     except RepositoryNotFoundError:
@@ -140,7 +190,7 @@ def download_model(value: str) -> Path:
 
     repo, revision = _split_repo(value)
     try:
-        folder = Path(snapshot_download(repo_id=repo, revision=revision,
+        folder = Path(snapshot_download(repo_id=repo, revision=revision, local_files_only=not hub_reachable(),
                                         allow_patterns=["config.json", "model.safetensors", "README.md"]))
     except Exception as exc:
         reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__

@@ -1,6 +1,6 @@
 """The authors' released CEPrompt checkpoints, checked and rewritten as ordinary ceprompt checkpoints.
 
-What the files hold is described key by key in ``official-checkpoints.md``: plain state dicts (stage 1:
+What the files hold is described key by key in ``docs/authors-checkpoints.md``: plain state dicts (stage 1:
 the whole vision tower with ``projection_dist`` for the projection; stage 2: that tower, the text
 tower as ``text_encoder.*`` and the prompt learner with its two prompt buffers). Here they are read
 with ``weights_only=True``, every key and shape is checked against the schema the given CLIP implies,
@@ -214,7 +214,8 @@ def import_official(clip: str | os.PathLike, stage1: str | os.PathLike, dataset:
     if dataset not in DATASETS:
         raise ConfigError(f"--dataset {dataset!r}: the authors' checkpoints exist for {', '.join(DATASETS)}")
     s1_path, s2_path = Path(stage1).expanduser(), Path(stage2).expanduser() if stage2 else None
-    owned = OwnedDir(Path(out), "imported model folder", lambda p: (p / "stage1.safetensors").exists(), overwrite)
+    owned = OwnedDir(Path(out), "imported model folder", lambda p: (p / "stage1.safetensors").exists(), overwrite,
+                     elsewhere="choose another folder with --out")
     owned.plan()
     cfg1 = load_config(f"{dataset}_stage1", ["compat=authors"])
     cfg1.backbone.path = str(clip)  # set directly: a path is not read as YAML; a file, folder or name
