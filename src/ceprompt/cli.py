@@ -214,7 +214,7 @@ def _cmd_check_data(args: argparse.Namespace) -> int:
     from .data.check import check_data
 
     classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
-    json_path = output_file(args.json, overwrite=True, option="--json") if args.json else None
+    json_path = output_file(args.json, overwrite=args.overwrite, option="--json") if args.json else None
     report = check_data(args.dataset, args.root, args.image_dir, classes, full=args.full, workers=args.workers,
                         allow_outside_root=args.allow_outside_root)
     print(report.format())
@@ -229,7 +229,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     serve(args.checkpoint, host=args.host, port=args.port, max_upload_bytes=int(args.max_upload_mb * 1_000_000),
           device=args.device, precision=args.precision, min_face=args.min_face,
-          allow_origins=args.allow_origin or [], allow_hosts=args.allow_host or [])
+          allow_origins=args.allow_origin or [], allow_hosts=args.allow_host or [],
+          pixel_budget=int(args.pixels_in_flight * 1_000_000), max_connections=args.max_connections,
+          header_timeout=args.header_timeout, keep_alive=args.keep_alive)
     return 0
 
 
@@ -325,7 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-dir", help="rafdb: image folder under the root (default Image/aligned_224)")
     p.add_argument("--classes", help="folder datasets: class order, comma-separated")
     p.add_argument("--full", action="store_true", help="decode every image completely (slower, catches truncation)")
-    p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    p.add_argument("--json", metavar="FILE", help="also write the report as JSON (a new file)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     p.add_argument("--workers", type=arg(Range(1, 256, integer=True)), default=8, help="threads opening images")
     _add_outside_root(p)
     _add_pixel_limit(p)
@@ -367,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=arg(Range(0, 1, lo_open=True)), default=0.9,
                    help="face detector confidence threshold, in (0, 1] (default 0.9)")
     _add_min_face(p)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file, and earlier pictures in --annotate and --explain")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_pixel_limit(p)
     _add_runtime_args(p)
@@ -428,6 +431,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-host", action="append", metavar="NAME",
                    help="also accept this Host header (repeatable; default: the listening address, loopback "
                         "names and, on 0.0.0.0, this machine's names and IP addresses)")
+    p.add_argument("--pixels-in-flight", type=arg(Range(1, 100_000, lo_open=False)), default=120, metavar="MP",
+                   help="decoded megapixels all requests may hold at once; more uploads get 503 (default 120)")
+    p.add_argument("--max-connections", type=arg(Range(1, 100_000, integer=True)), default=128,
+                   help="open connections at once, capped by the file-descriptor limit (default 128)")
+    p.add_argument("--header-timeout", type=arg(Range(0, 3600, lo_open=True)), default=10.0, metavar="S",
+                   help="seconds a connection has to send its request headers (default 10)")
+    p.add_argument("--keep-alive", type=arg(Range(0, 3600, lo_open=True)), default=5.0, metavar="S",
+                   help="seconds an idle connection stays open after a response (default 5)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     _add_precision(p)
     _add_min_face(p)
@@ -473,6 +484,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_stdout() -> None:
+    """After a failed write to stdout, point it at /dev/null: Python's flush at exit would fail again, loudly."""
+    try:
+        sys.stdout.flush()
+    except OSError:
+        sys.stdout = open(os.devnull, "w")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     if not (sys.argv[1:] if argv is None else list(argv)):  # plain `ceprompt`: what it can do
@@ -495,6 +514,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return handler(args)
     except CepromptError as exc:
         print(f"ceprompt {args.verb}: error: {exc}", file=sys.stderr)
+        _quiet_stdout()
+        return 1
+    except OSError as exc:  # the system refused a write or a read: a full disk, a closed pipe, a lost mount
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"ceprompt {args.verb}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        _quiet_stdout()
         return 1
     except KeyboardInterrupt:
         print(f"ceprompt {args.verb}: interrupted", file=sys.stderr)

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import yaml
 
 from ..model.prompts import DEFAULT_TEMPLATE
-from .errors import ConfigError
+from .errors import ConfigError, brief
 from .ranges import COUNT, POSITIVE, POSITIVE_INT, UNIT, Range, check
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -152,7 +152,7 @@ class Config:
     def resolve_compat(self) -> "Config":
         """Fill the fields left null from the compat mode: ceprompt's defaults, or the authors' choices."""
         if self.compat not in COMPAT_MODES:
-            raise ConfigError(f"compat={self.compat!r}; expected one of {COMPAT_MODES}")
+            raise ConfigError(f"compat={brief(self.compat)}; expected one of {COMPAT_MODES}")
         authors = self.compat == "authors"
         d = self.data
         if self.eva.kd_target is None:
@@ -176,24 +176,24 @@ class Config:
                 check(name, value, RANGES[name])
         o = self.optim
         checks = [
-            (self.stage in STAGES, f"stage={self.stage!r}; expected one of {STAGES}"),
-            (o.name in ("adamw", "sgd"), f"optim.name={o.name!r}; expected adamw or sgd"),
+            (self.stage in STAGES, f"stage={brief(self.stage)}; expected one of {STAGES}"),
+            (o.name in ("adamw", "sgd"), f"optim.name={brief(o.name)}; expected adamw or sgd"),
             (self.stage == "cat" or not self.backbone.init,
-             f"backbone.init={self.backbone.init!r} (--init) is the stage-1 checkpoint stage 2 starts from, but this "
+             f"backbone.init={brief(self.backbone.init)} (--init) is the stage-1 checkpoint stage 2 starts from, but this "
              "config trains stage 1 (stage: eva); leave --init out, or use a stage-2 config"),
             (o.min_lr <= o.lr, f"optim.min_lr={o.min_lr}; expected <= optim.lr ({o.lr})"),
             (o.warmup_epochs <= o.epochs, f"optim.warmup_epochs={o.warmup_epochs}; expected 0..optim.epochs"),
             (self.run.precision in ("auto", "fp32", "bf16", "fp16"),
-             f"run.precision={self.run.precision!r}; expected auto, fp32, bf16 or fp16"),
+             f"run.precision={brief(self.run.precision)}; expected auto, fp32, bf16 or fp16"),
             (self.backbone.activation in ("auto", "quickgelu", "gelu"),
-             f"backbone.activation={self.backbone.activation!r}; expected auto, quickgelu or gelu"),
+             f"backbone.activation={brief(self.backbone.activation)}; expected auto, quickgelu or gelu"),
             (len(self.data.mean) == 3 and len(self.data.std) == 3,
              "data.mean and data.std need 3 values each (std > 0)"),
-            (self.data.resize in ("square", "shorter"), f"data.resize={self.data.resize!r}; expected square or shorter"),
+            (self.data.resize in ("square", "shorter"), f"data.resize={brief(self.data.resize)}; expected square or shorter"),
             (self.data.interpolation in ("bicubic", "bilinear"),
-             f"data.interpolation={self.data.interpolation!r}; expected bicubic or bilinear"),
+             f"data.interpolation={brief(self.data.interpolation)}; expected bicubic or bilinear"),
             (self.cat.prompt_layout in ("ceprompt", "authors"),
-             f"cat.prompt_layout={self.cat.prompt_layout!r}; expected ceprompt or authors"),
+             f"cat.prompt_layout={brief(self.cat.prompt_layout)}; expected ceprompt or authors"),
             (self.data.prompt_names is None or all(isinstance(n, str) and n.strip() for n in self.data.prompt_names),
              "data.prompt_names: expected a list of non-empty words"),
         ]
@@ -279,16 +279,16 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     if origin is list:
         (item_type,) = typing.get_args(annotation)
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {brief(value)}")
         return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
     if annotation is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        raise ConfigError(f"{key}: expected true or false, got {brief(value)}")
     if annotation is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        raise ConfigError(f"{key}: expected an integer, got {brief(value)}")
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -297,13 +297,13 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
                 return float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        raise ConfigError(f"{key}: expected a number, got {brief(value)}")
     if annotation is str:
         if isinstance(value, str):
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
+        raise ConfigError(f"{key}: expected a string, got {brief(value)}")
     return value
 
 
@@ -312,11 +312,11 @@ def _merge(obj: Any, data: dict[str, Any], where: str, prefix: str = "") -> None
     for key, value in data.items():
         dotted = f"{prefix}{key}"
         if key not in fields:
-            raise ConfigError(f"{where}: unknown key {dotted!r}; expected one of {sorted(prefix + k for k in fields)}")
+            raise ConfigError(f"{where}: unknown key {brief(dotted)}; expected one of {sorted(prefix + k for k in fields)}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
-                raise ConfigError(f"{where}: {dotted!r} must be a mapping of its fields, got {value!r}")
+                raise ConfigError(f"{where}: {brief(dotted)} must be a mapping of its fields, got {brief(value)}")
             _merge(current, value, where, dotted + ".")
         else:
             try:
@@ -348,6 +348,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: cannot read ({exc})") from None
     except RecursionError:
         raise ConfigError(f"{path}: nested too deeply to be a config") from None
+    except ValueError as exc:  # an integer of thousands of digits, say
+        raise ConfigError(f"{path}: unreadable value ({brief(str(exc))})") from None
+    check_size(data, str(path))
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -355,18 +358,38 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+MAX_VALUES = 10_000  # a config holds about a hundred values
+
+
+def check_size(data: Any, where: str) -> None:
+    """Refuse YAML whose aliases expand it beyond any config's size ("billion laughs": a few hundred bytes that
+    stand for gigabytes once walked), counting without expanding."""
+    count, stack = 0, [data]
+    while stack:
+        item = stack.pop()
+        count += 1
+        if count > MAX_VALUES:
+            raise ConfigError(f"{where}: holds more than {MAX_VALUES:,} values once its YAML aliases are expanded; "
+                              "a config needs no aliases")
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+
+
 def parse_override(text: str) -> dict[str, Any]:
     """``a.b.c=value`` -> ``{"a": {"b": {"c": value}}}``, the value read as YAML (numbers, lists, null)."""
     if "=" not in text:
-        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. optim.lr=2e-4")
+        raise ConfigError(f"--set {brief(text)}: expected KEY=VALUE, e.g. optim.lr=2e-4")
     key, raw = text.split("=", 1)
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"--set {text!r}: malformed key {key!r}")
+        raise ConfigError(f"--set {brief(text)}: malformed key {brief(key)}")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except (yaml.YAMLError, RecursionError):
+    except (yaml.YAMLError, RecursionError, ValueError):  # ValueError: an integer of thousands of digits
         value = raw
+    check_size(value, f"--set {brief(text)}")
     nested: dict[str, Any] = {}
     node = nested
     parts = key.split(".")

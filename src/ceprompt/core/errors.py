@@ -8,6 +8,19 @@ non-zero instead of showing a traceback.
 
 from __future__ import annotations
 
+import reprlib
+from typing import Any
+
+_BRIEF = reprlib.Repr()  # attributes, not keywords: those need Python 3.12
+_BRIEF.maxlevel, _BRIEF.maxstring, _BRIEF.maxother, _BRIEF.maxlong = 3, 80, 80, 40
+_BRIEF.maxdict = _BRIEF.maxlist = _BRIEF.maxtuple = _BRIEF.maxset = 6
+
+
+def brief(value: Any) -> str:
+    """``repr(value)`` for an error message, bounded in size whatever the value (a 400-digit number, a list
+    that YAML aliases make exponentially large, a megabyte of text)."""
+    return _BRIEF.repr(value)
+
 
 class CepromptError(Exception):
     """Base class of every error ceprompt raises on purpose."""

@@ -11,7 +11,18 @@ import secrets
 from pathlib import Path
 from typing import Iterator
 
+from .schema import read_json
+
 log = logging.getLogger(__name__)
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()  # read once, at import: os.umask can only be read by setting it
 
 
 @contextlib.contextmanager
@@ -30,7 +41,41 @@ def atomic_write(dst: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # writers that replace the file themselves (safetensors) leave it 0600
         os.replace(tmp, dst)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_write_set(files: list[Path], commit: Path) -> Iterator[dict[Path, Path]]:
+    """:func:`atomic_write` for files that belong together (weights and their description): yields a
+    temporary path per file; on success the old ``commit`` file (the one readers go by) is removed first, the
+    others are renamed into place, and ``commit`` last. A process killed at any point leaves either the old set,
+    or a set without its ``commit`` file, which no reader takes for a whole one; never a mix."""
+    with contextlib.ExitStack() as stack:
+        temps = {dst: stack.enter_context(_temporary_beside(dst)) for dst in files}
+        yield temps
+        for tmp in temps.values():
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.chmod(tmp, 0o666 & ~_UMASK)
+        if commit.exists():
+            commit.unlink()
+        for dst, tmp in temps.items():
+            if dst != commit:
+                os.replace(tmp, dst)
+        os.replace(temps[commit], commit)
+
+
+@contextlib.contextmanager
+def _temporary_beside(dst: Path) -> Iterator[Path]:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.name}.{secrets.token_hex(4)}.tmp"
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    try:
+        yield tmp
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -61,14 +106,16 @@ def content_files(path: Path) -> list[Path]:
 
 
 def verified_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 of a file (or a model folder's files), remembered by size and modification time so that a
-    600 MB backbone is hashed once, not at every load. Any change to the file changes its key."""
+    """SHA-256 of a file (or a model folder's files), remembered by size, modification and change time and inode,
+    so that a 600 MB backbone is hashed once, not at every load. Any change to the file changes its key."""
     path = Path(path).resolve()
     files = content_files(path)
-    key = json.dumps([[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files])
+    # inode and ctime too: cp -p, rsync -t and tar restore a replaced file's size and mtime, never its ctime
+    key = json.dumps([[str(f), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
+                      for f in files for st in [f.stat()]])
     store = cache_dir() / "hashes.json"
     try:
-        known = json.loads(store.read_text())
+        known = read_json(store.read_bytes(), str(store))  # a poisoned cache is dropped, not a traceback
     except (OSError, ValueError):
         known = {}
     if not isinstance(known, dict):
@@ -88,4 +135,15 @@ def verified_sha256(path: str | os.PathLike) -> str:
             tmp.write_text(json.dumps(dict(list(known.items())[-512:])))
     except OSError as exc:  # a read-only cache only costs time
         log.debug("cannot update %s (%s)", store, exc)
+    return value
+
+
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(value: object) -> object:
+    """A CSV cell that a spreadsheet will not run: text starting like a formula gets a leading ``'`` (numbers,
+    negative ones included, are left as they are)."""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
     return value

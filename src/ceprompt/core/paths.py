@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -70,6 +71,8 @@ def output_file(path: str | os.PathLike, overwrite: bool = False, option: str = 
     label = f"{option} {path}"
     if path.is_dir():
         raise ConfigError(f"{label}: is a folder; expected a file name")
+    if path.exists() and not path.is_file():  # a device, a FIFO: --overwrite must never replace one
+        raise ConfigError(f"{label}: is not a regular file (a device or FIFO); expected a file name")
     if path.exists() and not overwrite:
         raise ConfigError(f"{label}: already exists; pass --overwrite or choose another name")
     _check_writable_folder(path.parent if str(path.parent) else Path("."), label)
@@ -110,16 +113,18 @@ def shown(path: str | os.PathLike) -> str:
 
 @contextlib.contextmanager
 def removed_on_failure(path: str | os.PathLike) -> Iterator[None]:
-    """The folders of ``path`` that do not exist yet (an output folder the block creates) are removed again,
-    while empty, when the block fails: a failed command leaves no empty folder behind."""
+    """The folders of ``path`` that do not exist yet (an output folder the block creates) are removed again when
+    the block fails, with what it wrote into them: a failed command leaves no folder behind."""
     full = Path(os.path.abspath(Path(path).expanduser()))
     missing = [p for p in [full, *full.parents] if not p.exists()]
     try:
         yield
     except BaseException:
-        for folder in missing:  # the deepest first
+        if missing:  # what this block created holds only what it wrote (a report cut short by a full disk)
+            shutil.rmtree(missing[0], ignore_errors=True)
+        for folder in missing[1:]:
             try:
                 folder.rmdir()
-            except OSError:  # not empty, or already gone: leave the rest
+            except OSError:  # not empty: leave it
                 break
         raise

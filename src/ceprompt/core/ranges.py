@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .errors import ConfigError
+from .errors import ConfigError, brief
 
 
 @dataclass(frozen=True)
@@ -59,11 +59,15 @@ FINITE = Range()
 def check(name: str, value: Any, allowed: Range) -> Any:
     """``value`` if it is a number inside ``allowed``, else a ConfigError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{name}={value!r}; expected {allowed.describe()}")
+        raise ConfigError(f"{name}={brief(value)}; expected {allowed.describe()}")
     if allowed.integer and not (isinstance(value, int) or (math.isfinite(value) and float(value).is_integer())):
-        raise ConfigError(f"{name}={value!r}; expected {allowed.describe()}")
-    if not allowed.contains(float(value)):
-        raise ConfigError(f"{name}={value!r}; expected {allowed.describe()}")
+        raise ConfigError(f"{name}={brief(value)}; expected {allowed.describe()}")
+    try:
+        inside = allowed.contains(float(value))
+    except OverflowError:  # an integer too large for a float is outside every range
+        inside = False
+    if not inside:
+        raise ConfigError(f"{name}={brief(value)}; expected {allowed.describe()}")
     return int(value) if allowed.integer else value
 
 

@@ -151,6 +151,15 @@ def _folder_splits(root: Path, classes: Sequence[str] | None, problems: Problems
         return Splits("folder", root, list(classes or []), [], [])
     found = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
     names = list(classes) if classes else found
+    for name in sorted({n for n in names if names.count(n) > 1}):
+        problems.add(f"data.classes lists {name!r} more than once")
+    for name in names:
+        if not name or name in (".", "..") or escapes(name) or Path(name).name != name:
+            problems.add(f"data.classes: {name!r} is not a plain folder name under {train_dir}")
+    if len(set(names)) < 2:
+        problems.add(f"{train_dir}: {len(set(names))} class(es) {sorted(set(names))}; a classifier needs at least 2")
+    if problems:
+        return Splits("folder", root, names, [], [])
     for name in sorted(set(found) - set(names)):
         problems.add(f"{train_dir / name}: class folder not in data.classes {names}")
     for name in names:
@@ -189,8 +198,15 @@ def index_dataset(dataset: str, root: str | os.PathLike, image_dir: str | None =
     if not root.is_dir():
         raise DataError(f"{root}: dataset root folder not found")
     if dataset == "folder":
-        return _folder_splits(root, classes, problems)
-    return _index_splits(root, LAYOUTS[dataset], image_dir, problems, allow_outside_root)
+        splits = _folder_splits(root, classes, problems)
+    else:
+        splits = _index_splits(root, LAYOUTS[dataset], image_dir, problems, allow_outside_root)
+    test_files = {os.path.normpath(s.path) for s in splits.test}
+    both = sorted({s.path for s in splits.train if os.path.normpath(s.path) in test_files})
+    if both:
+        problems.add(f"{len(both)} image file(s) are in both the training and the test split (the test would "
+                     f"measure memory, not recognition), e.g. {both[0]}")
+    return splits
 
 
 def load_splits(

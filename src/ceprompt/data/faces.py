@@ -240,15 +240,36 @@ def _distinct(faces: list[DetectedFace]) -> list[DetectedFace]:
 
 
 def to_pil(image: object) -> Image.Image:
-    """A PIL RGB image from a PIL image (EXIF orientation applied) or a numpy array (H x W [x 3|4], uint8 or
-    float in [0, 1])."""
+    """A PIL RGB image from a PIL image (EXIF orientation applied) or a numpy array (H x W [x 1|3|4]): uint8 as
+    is, uint16 scaled from 0..65535, floats in [0, 1] or [0, 255], other integers in 0..255; anything else is
+    refused rather than guessed (a 0..255 float array clipped to [0, 1] would be a white image)."""
     if isinstance(image, Image.Image):
         return as_rgb(image)
     if isinstance(image, np.ndarray):
-        arr = image
-        if arr.dtype != np.uint8:
-            arr = (np.clip(arr, 0, 1) * 255).round().astype(np.uint8)
+        arr = _as_uint8(image)
         if arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (1, 3, 4)):
-            return Image.fromarray(arr.squeeze()).convert("RGB")
+            return Image.fromarray(arr.squeeze(axis=2) if arr.ndim == 3 and arr.shape[2] == 1 else arr).convert("RGB")
         raise CepromptError(f"image array of shape {arr.shape}: expected H x W, H x W x 3 or H x W x 4")
     raise CepromptError(f"cannot read an image from a {type(image).__name__}; expected a path, PIL image or array")
+
+
+def _as_uint8(arr: np.ndarray) -> np.ndarray:
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.size == 0:
+        raise CepromptError(f"empty image array of shape {arr.shape}")
+    if arr.dtype == np.uint16:
+        return (arr.astype(np.float64) / 257.0).round().astype(np.uint8)
+    if np.issubdtype(arr.dtype, np.floating):
+        lo, hi = float(np.min(arr)), float(np.max(arr))
+        if not (np.isfinite(lo) and np.isfinite(hi)) or lo < 0 or hi > 255:
+            raise CepromptError(f"{arr.dtype} image array with values in [{lo:g}, {hi:g}]: expected [0, 1] or "
+                                "[0, 255] (no inf or NaN)")
+        scale = 255.0 if hi <= 1.0 else 1.0
+        return (arr.astype(np.float64) * scale).round().astype(np.uint8)
+    if np.issubdtype(arr.dtype, np.integer):
+        lo, hi = int(np.min(arr)), int(np.max(arr))
+        if lo < 0 or hi > 255:
+            raise CepromptError(f"{arr.dtype} image array with values in [{lo}, {hi}]: expected 0..255 (or uint16)")
+        return arr.astype(np.uint8)
+    raise CepromptError(f"{arr.dtype} image array: expected uint8, uint16, another integer type or floats")

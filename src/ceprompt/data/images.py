@@ -1,5 +1,8 @@
 """The one way ceprompt opens an image, wherever it comes from (datasets, predict, the API, uploads).
 
+* Only formats that Pillow decodes in-process are opened (:data:`FORMATS`): JPEG (also phones' MPO), PNG,
+  WebP, BMP, TIFF, GIF, AVIF and HEIC/HEIF (pillow-heif). Everything else, whatever its name, is refused
+  before decoding: Pillow's EPS plugin, for one, would run Ghostscript on the file's PostScript.
 * Only regular files are opened (a FIFO or device would block or never end).
 * The pixel count is read from the header and checked against one limit *before* anything is
   decoded (:func:`max_pixels`; ``--max-pixels``, ``$CEPROMPT_MAX_PIXELS``), so a small file that
@@ -13,6 +16,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import os
 import stat
@@ -26,6 +30,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from ..core.errors import DataError
 from ..core.ranges import POSITIVE_INT, check
 
+# Pillow format names that decode in-process (no external program); HEIF comes from pillow-heif.
+FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF", "GIF", "AVIF", "HEIF")
 # 50 megapixels: every phone and camera photo up to 8660 x 5770; decoding one costs about 150 MB.
 DEFAULT_MAX_PIXELS = 50_000_000
 _ENV = "CEPROMPT_MAX_PIXELS"
@@ -97,10 +103,11 @@ def _open(source: Source, name: str) -> Image.Image:
             raise ImageError(f"{name}: empty file")
     elif isinstance(source, bytes):
         source = io.BytesIO(source)
+    _register_heif()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(source)
+            image = Image.open(source, formats=FORMATS)
     except Image.DecompressionBombError:
         raise ImageError(f"{name}: declares more pixels than Pillow's own safety limit; "
                          f"ceprompt's limit is {max_pixels():,} (--max-pixels)") from None
@@ -118,10 +125,21 @@ def _open(source: Source, name: str) -> Image.Image:
     return image
 
 
+@functools.cache
+def _register_heif() -> None:
+    """HEIC/HEIF (what phones write) through pillow-heif, when it is installed."""
+    try:
+        import pillow_heif
+    except ImportError:
+        return
+    pillow_heif.register_heif_opener()
+
+
 def _reason(exc: BaseException) -> str:
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    if "BytesIO" in text or "<_io." in text:  # Pillow names the buffer object, which means nothing to a user
-        text = "unknown or unsupported image format"
+    if "BytesIO" in text or "<_io." in text or "cannot identify image file" in text:
+        # Pillow names the buffer object or the path, which says nothing about why
+        text = f"not an image in an accepted format ({', '.join(FORMATS)})"
     return text[:200]
 
 
@@ -154,6 +172,17 @@ def open_image(source: Source, name: str | None = None) -> Image.Image:
             return _to_8bit_rgb(_upright(image))
     except _DECODE_ERRORS as exc:
         raise ImageError(f"{name}: cannot decode image ({_reason(exc)})") from None
+
+
+def image_size(source: Source, name: str | None = None) -> tuple[int, int]:
+    """Width and height as stored, from the header alone (the format allowlist and the pixel limit apply)."""
+    name = name or (str(source) if isinstance(source, (str, os.PathLike)) else "image")
+    try:
+        image = _open(source, name)
+    except _Undecodable as exc:
+        raise ImageError(f"{name}: cannot decode image ({exc})") from None
+    with image:
+        return image.size
 
 
 def as_rgb(image: Image.Image) -> Image.Image:
@@ -192,5 +221,6 @@ def probe_image(path: str | os.PathLike, full: bool = False) -> ImageInfo:
     return ImageInfo(None, mode, size)
 
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"})
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".avif", ".heic",
+                            ".heif"})
 VIDEO_SUFFIXES = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v"})

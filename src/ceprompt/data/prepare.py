@@ -25,9 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+from PIL import Image
 from tqdm import tqdm
 
 from ..core.errors import ConfigError, DataError
+from ..core.io_utils import atomic_write
 from ..core.paths import confined, escapes
 from .datasets import LAYOUTS
 from .three_files import Problems
@@ -191,16 +193,19 @@ def _link(src: Path, dst: Path) -> None:
     os.symlink(src.resolve(), dst, target_is_directory=True)
 
 
-def _align_all(entries: list[Entry], image_root: Path, device: str, progress: bool) -> list[str]:
-    """Re-cut every face with MTCNN + align_face; falls back to the annotated box, then reports."""
+def _align_all(entries: list[Entry], image_root: Path, device: str, progress: bool,
+               overwrite: bool = False) -> list[str]:
+    """Re-cut every face with MTCNN + align_face; falls back to the annotated box, then reports. A crop already
+    there is kept only when it decodes in full (a run killed mid-way may have left a truncated one) and
+    ``overwrite`` is off; each crop is written to a temporary file and renamed."""
     from .faces import FaceDetector, align_face
-    from .images import open_image
+    from .images import open_image, probe_image
 
     detector = FaceDetector(device)
     notes = []
     for entry in tqdm(entries, disable=not progress, desc="aligning faces", unit="img"):
         out = confined(image_root, entry.path, "image path")
-        if out.exists():
+        if out.exists() and not overwrite and probe_image(out, full=True).problem is None:
             continue
         image = open_image(entry.source)
         faces = detector.detect(image)
@@ -214,20 +219,25 @@ def _align_all(entries: list[Entry], image_root: Path, device: str, progress: bo
             crop = image.resize((ALIGN_SIZE, ALIGN_SIZE))
             notes.append(f"{entry.source}: no face detected; whole image resized")
         out.parent.mkdir(parents=True, exist_ok=True)
-        crop.save(out, quality=95)
+        with atomic_write(out) as tmp:
+            crop.save(tmp, format=Image.registered_extensions().get(out.suffix.lower(), "PNG"), quality=95)
     return notes
 
 
-def _write_index(folder: Path, names: Sequence[str], entries: list[Entry], overwrite: bool) -> None:
-    targets = [folder / n for n in names]
-    existing = [str(t) for t in targets if t.exists()]
+def _check_index_targets(folder: Path, names: Sequence[str], overwrite: bool) -> None:
+    existing = [str(folder / n) for n in names if (folder / n).exists()]
     if existing and not overwrite:
         raise ConfigError(f"{existing[0]}: already exists; pass --overwrite to replace the index files")
+
+
+def _write_index(folder: Path, names: Sequence[str], entries: list[Entry], overwrite: bool) -> None:
+    _check_index_targets(folder, names, overwrite)
     folder.mkdir(parents=True, exist_ok=True)
     columns = ([f"{i} {e.path}" for i, e in enumerate(entries, 1)], [f"{i} {e.label}" for i, e in enumerate(entries, 1)],
                [f"{i} {int(e.train)}" for i, e in enumerate(entries, 1)])
-    for target, lines in zip(targets, columns):
-        target.write_text("\n".join(lines) + "\n")
+    for name, lines in zip(names, columns):
+        with atomic_write(folder / name) as tmp:
+            tmp.write_text("\n".join(lines) + "\n")
 
 
 def prepare(dataset: str, src: str | os.PathLike, dst: str | os.PathLike, align: bool = False,
@@ -248,11 +258,17 @@ def prepare(dataset: str, src: str | os.PathLike, dst: str | os.PathLike, align:
         raise ConfigError("FERPlus images are already 48x48 face crops; --align does not apply")
     if valid_as not in ("skip", "train", "test"):
         raise ConfigError(f"--valid {valid_as!r}: expected skip, train or test")
+    index_files = {"rafdb": [(dst / "EmoLabel", LAYOUTS["rafdb"].files)],
+                   "affectnet": [(dst / "affectnet_info", LAYOUTS["affectnet7"].files),
+                                 (dst / "affectnet_info", LAYOUTS["affectnet8"].files)],
+                   "ferplus": [(dst / "ferplus_info", LAYOUTS["ferplus"].files)]}[dataset]
+    for folder, names in index_files:  # before any face is aligned or any link made
+        _check_index_targets(folder, names, overwrite)
     prepared = readers[dataset]()
     notes: list[str] = []
     if dataset == "rafdb":
         if align:  # same file names, under Image/aligned_224/
-            notes = _align_all(prepared.entries, dst / "Image" / "aligned_224", device, progress)
+            notes = _align_all(prepared.entries, dst / "Image" / "aligned_224", device, progress, overwrite)
         else:
             _link(src / "Image" / "aligned", dst / "Image" / "aligned")
         _write_index(dst / "EmoLabel", LAYOUTS["rafdb"].files, prepared.entries, overwrite)
@@ -260,7 +276,7 @@ def prepare(dataset: str, src: str | os.PathLike, dst: str | os.PathLike, align:
         if align:
             for e in prepared.entries:
                 e.path = "aligned_224/" + e.path.split("/", 1)[1]
-            notes = _align_all(prepared.entries, dst, device, progress)
+            notes = _align_all(prepared.entries, dst, device, progress, overwrite)
         else:
             _link(src / "Manually_Annotated_Images", dst / "Manually_Annotated_Images")
         seven = [e for e in prepared.entries if e.label < 7]

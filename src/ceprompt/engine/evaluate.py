@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..core.errors import DataError
-from ..core.io_utils import atomic_write
+from ..core.io_utils import atomic_write, spreadsheet_safe
 from ..data.datasets import FERDataset
 from ..data.samplers import ShardSampler
 from .metrics import classification_metrics
@@ -102,15 +102,16 @@ def write_report(out_dir: Path, dataset: FERDataset, class_names: Sequence[str],
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_write(out_dir / "predictions.csv") as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["path", "true", "predicted", *[f"score_{c}" for c in class_names]])
+        writer.writerow(["path", "true", "predicted", *[spreadsheet_safe(f"score_{c}") for c in class_names]])
         for sample, row in zip(dataset.samples, scores):
-            writer.writerow([sample.path, class_names[sample.label], class_names[int(row.argmax())],
+            writer.writerow([spreadsheet_safe(sample.path), spreadsheet_safe(class_names[sample.label]),
+                             spreadsheet_safe(class_names[int(row.argmax())]),
                              *[f"{v:.6f}" for v in row]])
     with atomic_write(out_dir / "confusion_matrix.csv") as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["true \\ predicted", *class_names])
+        writer.writerow(["true \\ predicted", *map(spreadsheet_safe, class_names)])
         for name, row in zip(class_names, metrics["confusion_matrix"]):
-            writer.writerow([name, *row])
+            writer.writerow([spreadsheet_safe(name), *row])
     with atomic_write(out_dir / "metrics.json") as tmp:
         tmp.write_text(json.dumps({**(extra or {}), **metrics}, indent=2) + "\n")
     plot_confusion(metrics["confusion_matrix"], class_names, out_dir / "confusion_matrix.png",

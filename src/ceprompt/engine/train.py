@@ -117,8 +117,10 @@ class Trainer:
         self.train_set = FERDataset(self.splits.train, resize, augment, cache=d.cache_images, workers=d.workers)
         self.test_set = FERDataset(self.splits.test, resize, test_transform(self.preprocess), cache=d.cache_images,
                                    workers=d.workers)
-        if not len(self.train_set):
-            raise DataError(f"dataset {d.dataset} at {d.root}: no training images")
+        if not len(self.train_set) or not len(self.test_set):
+            split = "training" if not len(self.train_set) else "test"
+            raise DataError(f"dataset {d.dataset} at {d.root}: no {split} images (training evaluates on the test "
+                            "split every epoch and keeps its best epoch)")
         o = cfg.optim
         self.micro_batch = o.batch_size // (rt.world * o.accum_steps)
         if self.micro_batch * rt.world * o.accum_steps != o.batch_size:

@@ -22,6 +22,9 @@ from ..core.errors import CheckpointError
 # OpenAI and open_clip ViT CLIPs all use 64-dimensional attention heads; a plain
 # state dict does not record the head count, so this convention fills it in.
 HEAD_WIDTH = 64
+# No recorded size of a CLIP (width, depth, tokens, vocabulary, pixels) is anywhere near this; a larger one is a
+# crafted description, refused before it allocates anything.
+MAX_SIZE = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -56,14 +59,30 @@ class ClipSpec:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str = "spec") -> "ClipSpec":
+        """A spec read back from a file: every field present, of its type, in a range a CLIP can have."""
+        from ..core.schema import SchemaError, expect
+
         names = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(data, Mapping):
+            raise CheckpointError(f"{where}: the CLIP spec is a {type(data).__name__}; expected an object")
         unknown = sorted(set(data) - names)
         if unknown:
             raise CheckpointError(f"{where}: unknown CLIP spec field(s) {unknown}; expected {sorted(names)}")
+        values: dict[str, Any] = {}
         try:
-            return cls(**dict(data))
-        except TypeError as exc:
-            raise CheckpointError(f"{where}: incomplete CLIP spec ({exc})") from None
+            for f in dataclasses.fields(cls):
+                optional = f.default is not dataclasses.MISSING
+                if f.type in (bool, "bool"):
+                    values[f.name] = expect(dict(data), f.name, where, bool, optional=optional, default=f.default)
+                elif f.type in (float, "float"):
+                    values[f.name] = expect(dict(data), f.name, where, (int, float), lo=1e-3, hi=64,
+                                            optional=optional, default=f.default)
+                else:
+                    values[f.name] = expect(dict(data), f.name, where, int, lo=1, hi=MAX_SIZE, optional=optional,
+                                            default=f.default)
+        except SchemaError as exc:
+            raise CheckpointError(f"{exc} (a CLIP spec field)") from None
+        return cls(**values)
 
     def validate(self, where: str = "spec") -> "ClipSpec":
         """Refuse shapes no CLIP can have (a crafted or corrupted description)."""

@@ -85,7 +85,7 @@ class EVAModel(nn.Module):
             freeze(self.teacher)
         # Computed once per run (the text tower is frozen); not part of any checkpoint. The raw ones serve
         # only the authors' stage-1 test scoring.
-        raw = fixed_prompt_features(clip, self.prompts)
+        raw = fixed_prompt_features(clip, self.prompts, self.class_names)
         self.register_buffer("text_features", F.normalize(raw, dim=-1), persistent=False)
         self.register_buffer("text_raw", raw, persistent=False)
 

@@ -34,11 +34,24 @@ def class_prompts(template: str, class_names: Sequence[str]) -> list[str]:
     return [template.format(name.replace("_", " ")) for name in class_names]
 
 
+def prompt_tokens(texts: Sequence[str], class_names: Sequence[str], context_length: int, setting: str) -> torch.Tensor:
+    """Token ids of one prompt per class, refusing a prompt that does not fit the text tower's context: the
+    tokenizer would cut its end, the class name with it, and every class would get the same embedding."""
+    room = context_length - 2  # the start and end tokens
+    for text, name in zip(texts, class_names):
+        n = len(get_tokenizer(context_length).encode(text))
+        if n > room:
+            raise ConfigError(f"{setting}: the prompt for class {name!r} is {n} tokens, but the text tower takes "
+                              f"{room}; its class name would be cut off. Shorten it")
+    return tokenize(list(texts), context_length)
+
+
 @torch.no_grad()
-def fixed_prompt_features(clip: CLIP, prompts: Sequence[str]) -> torch.Tensor:
+def fixed_prompt_features(clip: CLIP, prompts: Sequence[str], class_names: Sequence[str] | None = None,
+                          setting: str = "eva.template") -> torch.Tensor:
     """Text embeddings of fixed prompts as the text tower gives them (not yet normalised), (C, D) in fp32."""
     device = clip.token_embedding.weight.device
-    tokens = tokenize(list(prompts), clip.positional_embedding.shape[0]).to(device)
+    tokens = prompt_tokens(prompts, class_names or prompts, clip.positional_embedding.shape[0], setting).to(device)
     return clip.encode_text(tokens).float()
 
 
@@ -99,7 +112,7 @@ class PromptLearner(nn.Module):
             prefix = f"{PLACEHOLDER} {prefix}"
         self.prompt_names = words
         texts = [f"{prefix} {name.replace('_', ' ')}.".strip() for name in words]
-        token_ids = tokenize(texts, clip.positional_embedding.shape[0])
+        token_ids = prompt_tokens(texts, class_names, clip.positional_embedding.shape[0], "cat.ctx_init")
         self.register_buffer("token_ids", token_ids, persistent=False)
         with torch.no_grad():
             embeds = clip.token_embedding(token_ids.to(clip.token_embedding.weight.device)).float()

@@ -23,12 +23,24 @@ from PIL import Image
 
 from ..api import Recognizer
 from ..core.errors import CepromptError
-from ..data.images import ImageError, max_pixels, open_image
+from ..data.images import ImageError, image_size, max_pixels, open_image
 from ..verbs.drawing import explanation_image
 from .guard import Guard
+from .limits import (
+    DEFAULT_HEADER_TIMEOUT,
+    DEFAULT_KEEP_ALIVE,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_PIXEL_BUDGET,
+    PixelBudget,
+    RepeatFilter,
+    guarded_protocol,
+    release_memory,
+    scaled_for_queue,
+)
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_UPLOAD = 10_000_000
+LARGE_IMAGE = 4_000_000  # pixels: after such an upload, freed memory goes back to the system
 ALLOWED_TYPES = ("image/", "application/octet-stream")
 STATIC = {"app.js": "text/javascript", "app.css": "text/css", "favicon.svg": "image/svg+xml"}
 
@@ -39,11 +51,14 @@ def _png_data_url(image: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def create_app(rec: Recognizer, max_upload_bytes: int = DEFAULT_MAX_UPLOAD):  # type: ignore[no-untyped-def]
-    """The FastAPI application (``pip install 'ceprompt[serve]'``); wrap it in :func:`guarded` to serve it."""
+def create_app(rec: Recognizer, max_upload_bytes: int = DEFAULT_MAX_UPLOAD,  # type: ignore[no-untyped-def]
+               pixel_budget: int = DEFAULT_PIXEL_BUDGET):
+    """The FastAPI application (``pip install 'ceprompt[serve]'``); wrap it in :func:`guarded` to serve it.
+    ``pixel_budget``: decoded pixels all requests may hold at once (:mod:`ceprompt.server.limits`)."""
     try:
-        from fastapi import FastAPI, File, HTTPException, Query, UploadFile
-        from fastapi.responses import HTMLResponse, Response
+        from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
+        from fastapi.exceptions import RequestValidationError
+        from fastapi.responses import HTMLResponse, JSONResponse, Response
     except ImportError:
         raise CepromptError("the web app needs FastAPI and uvicorn: pip install 'ceprompt[serve]'") from None
 
@@ -62,13 +77,23 @@ def create_app(rec: Recognizer, max_upload_bytes: int = DEFAULT_MAX_UPLOAD):  # 
     page = static.joinpath("index.html").read_text()
     assets = {name: static.joinpath(name).read_bytes() for name in STATIC}
 
-    def run_model(image: Image.Image, detect: str, explain: bool) -> list[dict[str, Any]]:
+    budget = PixelBudget(pixel_budget)
+
+    def run_model(image: Image.Image, detect: str, explain: bool, scale: float) -> list[dict[str, Any]]:
         with lock:
             if explain:
                 explanations = rec.explain(image, detect=detect)
-                return [{**e.face.to_dict(), "explanation_png": _png_data_url(explanation_image(e))}
-                        for e in explanations]
-            return [face.to_dict() for face in rec.predict(image, detect=detect)]
+                faces = [{**e.face.to_dict(), "explanation_png": _png_data_url(explanation_image(e))}
+                         for e in explanations]
+            else:
+                faces = [face.to_dict() for face in rec.predict(image, detect=detect)]
+        return [_in_upload_pixels(face, scale) for face in faces]
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own answer repeats each invalid input: for a file part without a filename, the whole upload
+        problems = [f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', 'invalid')}" for e in exc.errors()]
+        return JSONResponse({"detail": problems[:5]}, status_code=422)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> str:
@@ -86,7 +111,7 @@ def create_app(rec: Recognizer, max_upload_bytes: int = DEFAULT_MAX_UPLOAD):  # 
 
     @app.get("/api/info", summary="The model being served")
     async def info() -> dict[str, Any]:
-        return {"classes": rec.class_names, "stage": rec.meta.get("stage"), "checkpoint": str(rec.checkpoint),
+        return {"classes": rec.class_names, "stage": rec.meta.get("stage"), "checkpoint": Path(str(rec.checkpoint)).name,
                 "input_size": rec.preprocess.image_size, "max_upload_bytes": max_upload_bytes,
                 "max_pixels": max_pixels(), "face_detection": "MTCNN", "temperature": rec.temperature,
                 "notice": rec.notice}
@@ -105,24 +130,55 @@ def create_app(rec: Recognizer, max_upload_bytes: int = DEFAULT_MAX_UPLOAD):  # 
         if len(data) > max_upload_bytes:
             raise HTTPException(413, f"{name}: larger than the limit of {max_upload_bytes} bytes")
         try:
-            image = await asyncio.to_thread(open_image, data, name)
+            width, height = await asyncio.to_thread(image_size, data, name)
         except ImageError as exc:
-            detail = str(exc).removeprefix(f"{name}: ")
-            if "over the limit" in detail:
-                raise HTTPException(413, f"{name}: {detail}") from None
-            raise HTTPException(415, f"{name}: not a readable image {detail.removeprefix('cannot decode image ')}"
-                                ) from None
+            raise _unreadable(exc, name) from None
+        held = width * height
+        if not budget.take(held):
+            raise HTTPException(503, "busy with other uploads; try again in a moment",
+                                headers={"Retry-After": "2"})
         try:
-            faces = await asyncio.get_running_loop().run_in_executor(model_thread, run_model, image, detect, explain)
-        except CepromptError as exc:
-            raise HTTPException(422, f"{name}: {exc}") from None
-        response: dict[str, Any] = {"filename": name, "width": image.width, "height": image.height,
+            try:
+                image, scale = await asyncio.to_thread(lambda: scaled_for_queue(open_image(data, name)))
+            except ImageError as exc:
+                raise _unreadable(exc, name) from None
+            budget.give(held - image.width * image.height)  # what waits for the model is the scaled copy
+            held = image.width * image.height
+            try:
+                faces = await asyncio.get_running_loop().run_in_executor(model_thread, run_model, image, detect,
+                                                                         explain, scale)
+            except CepromptError as exc:
+                raise HTTPException(422, f"{name}: {exc}") from None
+        finally:
+            budget.give(held)
+            image = None
+            if width * height > LARGE_IMAGE:
+                await asyncio.to_thread(release_memory)
+        response: dict[str, Any] = {"filename": name, "width": width, "height": height,
                                     "classes": rec.class_names, "faces": faces}
         if rec.notice:
             response["notice"] = rec.notice
         return response
 
     return app
+
+
+def _unreadable(exc: ImageError, name: str) -> Exception:
+    from fastapi import HTTPException
+
+    detail = str(exc).removeprefix(f"{name}: ")
+    if "over the limit" in detail:
+        return HTTPException(413, f"{name}: {detail}")
+    return HTTPException(415, f"{name}: not a readable image {detail.removeprefix('cannot decode image ')}")
+
+
+def _in_upload_pixels(face: dict[str, Any], scale: float) -> dict[str, Any]:
+    """A face found on the scaled copy, with box and landmarks in the upload's own pixels."""
+    if scale == 1.0:
+        return face
+    box = [round(v * scale, 2) for v in face["box"]]
+    landmarks = [[x * scale, y * scale] for x, y in face["landmarks"]] if face.get("landmarks") else None
+    return {**face, "box": box, "landmarks": landmarks}
 
 
 def guarded(app: Any, host: str, max_upload_bytes: int, allow_origins: list[str] | tuple[str, ...] = (),
@@ -155,7 +211,9 @@ def resolve_checkpoint(checkpoint: str | None, progress: bool = True) -> str:
 
 def serve(checkpoint: str | None, host: str = "127.0.0.1", port: int = 8000, max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
           device: str = "auto", allow_origins: list[str] | tuple[str, ...] = (),
-          allow_hosts: list[str] | tuple[str, ...] = (), precision: str = "auto", min_face: Any = None) -> None:
+          allow_hosts: list[str] | tuple[str, ...] = (), precision: str = "auto", min_face: Any = None,
+          pixel_budget: int = DEFAULT_PIXEL_BUDGET, max_connections: int = DEFAULT_MAX_CONNECTIONS,
+          header_timeout: float = DEFAULT_HEADER_TIMEOUT, keep_alive: float = DEFAULT_KEEP_ALIVE) -> None:
     try:
         import uvicorn
     except ImportError:
@@ -166,10 +224,26 @@ def serve(checkpoint: str | None, host: str = "127.0.0.1", port: int = 8000, max
         warnings.simplefilter("ignore", UserWarning)  # the model's notice is logged below, once
         options = {} if min_face is None else {"min_face_size": min_face}
         rec = load(resolve_checkpoint(checkpoint), device=device, precision=precision, **options)
-    app = guarded(create_app(rec, max_upload_bytes), host, max_upload_bytes, allow_origins, allow_hosts)
+    app = guarded(create_app(rec, max_upload_bytes, pixel_budget), host, max_upload_bytes, allow_origins, allow_hosts)
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s: anyone who can reach this machine can use the model", host)
     if rec.notice:
         log.warning("%s", rec.notice)
     print(f"ceprompt serve: http://{host}:{port}/  (API docs at /docs, schema at /openapi.json)", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    repeats = RepeatFilter()
+    for name in ("asyncio", "uvicorn.error", "ceprompt.server"):
+        logging.getLogger(name).addFilter(repeats)
+    max_connections = min(max_connections, _descriptor_room())
+    uvicorn.run(app, host=host, port=port, log_level="info", http=guarded_protocol(max_connections, header_timeout),
+                limit_concurrency=max_connections, timeout_keep_alive=keep_alive)
+
+
+def _descriptor_room() -> int:
+    """Connections that fit in this process's file-descriptor limit, with room for the model's own files."""
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, ValueError, OSError):
+        return DEFAULT_MAX_CONNECTIONS
+    return max(8, (soft - 64) // 2) if soft > 0 else DEFAULT_MAX_CONNECTIONS

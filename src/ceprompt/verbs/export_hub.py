@@ -24,7 +24,7 @@ import torch
 
 from .. import __version__
 from ..core.errors import CheckpointError, ConfigError
-from ..core.io_utils import atomic_write
+from ..core.io_utils import atomic_write_set, sha256_file
 from ..core.paths import output_dir
 from ..weights.build import HUB_FORMAT, load_trained
 from ..weights.checkpoint import non_finite
@@ -56,13 +56,14 @@ def export_hub(checkpoint: str | os.PathLike, out: str | os.PathLike, dtype: str
     if bad:  # fp16 overflows where a weight exceeds 65504
         raise CheckpointError(f"{loaded.path}: {bad[0]} does not fit in {dtype}; use --dtype fp32")
     config = hub_config(loaded.meta, dtype)
-    with atomic_write(folder / "model.safetensors") as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt", "ceprompt.format": HUB_FORMAT})
-    with atomic_write(folder / "config.json") as tmp:
-        tmp.write_text(json.dumps(config, indent=2) + "\n")
-    size_mb = (folder / "model.safetensors").stat().st_size / 1e6
-    with atomic_write(folder / "README.md") as tmp:
-        tmp.write_text(model_card(config, size_mb))
+    weights, card, config_file = folder / "model.safetensors", folder / "README.md", folder / "config.json"
+    # config.json goes in last and names the weights by hash: a folder killed half-way through an --overwrite
+    # has no config.json (not a model) or one whose hash the weights fail, never old and new mixed
+    with atomic_write_set([weights, card, config_file], commit=config_file) as tmp:
+        save_file(tensors, str(tmp[weights]), metadata={"format": "pt", "ceprompt.format": HUB_FORMAT})
+        config["weights_sha256"] = sha256_file(tmp[weights])
+        tmp[card].write_text(model_card(config, tmp[weights].stat().st_size / 1e6))
+        tmp[config_file].write_text(json.dumps(config, indent=2) + "\n")
     return folder
 
 

@@ -21,9 +21,10 @@ from tqdm import tqdm
 
 from ..api import Explanation, FaceResult, Recognizer
 from ..core.errors import CepromptError, ConfigError
+from ..core.io_utils import spreadsheet_safe
 from ..core.paths import file_stem, output_dir, output_file
 from ..core.ranges import POSITIVE_INT, check
-from ..data.images import IMAGE_SUFFIXES, VIDEO_SUFFIXES
+from ..data.images import IMAGE_SUFFIXES, VIDEO_SUFFIXES, max_pixels
 from .drawing import annotate, explanation_image, save_png
 
 log = logging.getLogger(__name__)
@@ -66,8 +67,10 @@ def plan_predict(inputs: Sequence[str], output: str = "-", fmt: str | None = Non
     if not files:
         raise ConfigError(f"no images or videos found in {list(inputs)}")
     out = None if output == "-" else output_file(output, overwrite, "--output")
-    ann = output_dir(annotate_dir, "--annotate") if annotate_dir else None
-    expl = output_dir(explain_dir, "--explain") if explain_dir else None
+    # pictures are named after the inputs: a folder with files in it could hold an earlier run's, which this run
+    # would replace one by one
+    ann = output_dir(annotate_dir, "--annotate", must_be_empty=True, overwrite=overwrite) if annotate_dir else None
+    expl = output_dir(explain_dir, "--explain", must_be_empty=True, overwrite=overwrite) if explain_dir else None
     return PredictPlan(files, out, fmt, ann, expl, video_stride)
 
 
@@ -89,7 +92,7 @@ class Writer:
                         *[f"prob_{c}" for c in self.class_names], "detector_confidence", "error"]
         self.csv = csv.writer(fh) if fmt == "csv" else None
         if self.csv:
-            self.csv.writerow(self.columns)
+            self.csv.writerow([spreadsheet_safe(c) for c in self.columns])
 
     def write(self, row: Row) -> None:
         r = row.result
@@ -101,7 +104,7 @@ class Writer:
             record["detector_confidence"] = None if r.detector_confidence is None else round(r.detector_confidence, 6)
         record["error"] = row.error
         if self.csv:
-            self.csv.writerow(["" if record.get(c) is None else record.get(c) for c in self.columns])
+            self.csv.writerow(["" if record.get(c) is None else spreadsheet_safe(record.get(c)) for c in self.columns])
         else:
             if r is not None:
                 record["landmarks"] = r.landmarks
@@ -121,6 +124,10 @@ def _video_frames(path: Path, stride: int, every_frame: bool) -> Iterator[tuple[
             if not container.streams.video:
                 raise CepromptError("no video stream")
             stream = container.streams.video[0]
+            width, height, limit = stream.codec_context.width or 0, stream.codec_context.height or 0, max_pixels()
+            if width * height > limit:  # the same limit as for images, from the header, before any frame
+                raise CepromptError(f"{width}x{height} frames are {width * height:,} pixels, over the limit of "
+                                    f"{limit:,} (raise it with --max-pixels or $CEPROMPT_MAX_PIXELS)")
             rate = stream.average_rate or stream.guessed_rate or Fraction(25)
             for i, frame in enumerate(container.decode(video=0)):
                 sampled = i % stride == 0
@@ -178,8 +185,20 @@ def run_predict(rec: Recognizer, plan: PredictPlan, detect: str = "mtcnn", batch
                 progress: bool = True) -> int:
     """Predict over the plan's files; returns the number of files that failed."""
     check("--batch-size", batch_size, POSITIVE_INT)
+    existed = plan.output is not None and plan.output.exists()
+    try:
+        fh = _open_output(plan)
+        return _predict_all(rec, plan, fh, detect, batch_size, progress)
+    except OSError as exc:  # a full disk, a closed pipe: one line, and no partial file left to block a rerun
+        if plan.output is not None and not existed:
+            plan.output.unlink(missing_ok=True)
+        where = plan.output or "standard output"
+        raise CepromptError(f"{where}: cannot write the results ({exc.strerror or exc})") from None
+
+
+def _predict_all(rec: Recognizer, plan: PredictPlan, fh: IO[str], detect: str, batch_size: int,
+                 progress: bool) -> int:
     files = plan.files
-    fh = _open_output(plan)
     writer = Writer(fh, plan.fmt, rec.class_names)
     failed = 0
     bar = tqdm(total=len(files), disable=not progress, unit="file", desc="predict", dynamic_ncols=True, file=sys.stderr)

@@ -8,7 +8,6 @@ refuses any link whose architecture, classes or prompt settings do not match.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -23,13 +22,14 @@ from ..core.config import BackboneConfig, Config, config_from_dict, parse_overri
 from ..core.errors import CheckpointError, ConfigError
 from ..core.io_utils import verified_sha256
 from ..core.paths import shown
+from ..core.schema import SchemaError, read_json
 from ..data.transforms import Preprocess, preprocess_for
 from ..model.cat import CATModel
-from ..model.clip import ClipSpec, build_clip, get_arch
+from ..model.clip import ClipSpec, build_clip, get_arch, infer_spec
 from ..model.eva import EVAModel
 from ..model.head import HeadConfig
 from ..model.trainable import load_trainable
-from .checkpoint import kept_copy, non_finite, read_checkpoint, validate_meta
+from .checkpoint import check_header_dtypes, kept_copy, non_finite, read_checkpoint, validate_meta
 from .clip_files import load_clip
 from .hub import HF_PREFIX, download_model, is_name, resolve_clip
 
@@ -274,9 +274,10 @@ def is_hub_folder(path: Path) -> bool:
     if not (path.is_dir() and (path / "config.json").is_file() and (path / "model.safetensors").is_file()):
         return False
     try:
-        return json.loads((path / "config.json").read_text()).get("format") == HUB_FORMAT
-    except (OSError, ValueError, AttributeError):
+        config = read_json((path / "config.json").read_bytes(), str(path / "config.json"))
+    except (OSError, ValueError):
         return False
+    return isinstance(config, dict) and config.get("format") == HUB_FORMAT
 
 
 def load_hub_folder(folder: Path, overrides: Sequence[str] = ()) -> LoadedModel:
@@ -285,21 +286,38 @@ def load_hub_folder(folder: Path, overrides: Sequence[str] = ()) -> LoadedModel:
 
     where = folder / "config.json"
     try:
-        meta = json.loads(where.read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{where}: unreadable ({exc})") from None
+        meta = read_json(where.read_bytes(), str(where))
+    except OSError as exc:
+        raise CheckpointError(f"{where}: unreadable ({exc.strerror or exc})") from None
+    except SchemaError as exc:
+        raise CheckpointError(str(exc)) from None
     validate_meta(meta, str(where))
     meta = _with_eval_overrides(meta, overrides, str(where))
+    spec = ClipSpec.from_dict(meta["clip_spec"], where=str(where)).validate(str(where))
     weights = folder / "model.safetensors"
+    recorded = meta.get("weights_sha256")
+    if recorded is not None and verified_sha256(weights) != recorded:
+        raise CheckpointError(f"{weights} is not the file {where} describes (SHA-256 differs): an export that was "
+                              "interrupted or altered; export it again")
     try:
         with safe_open(str(weights), framework="pt", device="cpu") as fh:
+            check_header_dtypes(fh, str(weights))
+            # the declared shape must be the one of the weights, before a model of that shape is built
+            shapes = {k[len("clip."):]: torch.empty(fh.get_slice(k).get_shape(), device="meta")
+                      for k in fh.keys() if k.startswith("clip.")}
+            held = infer_spec(shapes, {"vision_heads": spec.vision_heads, "text_heads": spec.text_heads,
+                                       "quick_gelu": spec.quick_gelu})
+            if held != spec:
+                raise CheckpointError(f"{where} declares a CLIP of {spec.describe()}, but {weights.name} holds "
+                                      f"{held.describe()}")
             tensors = {k: fh.get_tensor(k).float() for k in fh.keys()}
+    except CheckpointError:
+        raise
     except Exception as exc:
         raise CheckpointError(f"{weights}: not a readable safetensors file ({exc})") from None
     bad = non_finite(tensors)
     if bad:
         raise CheckpointError(f"{weights}: holds non-finite weights ({', '.join(bad[:3])})")
-    spec = ClipSpec.from_dict(meta["clip_spec"], where=str(where)).validate(str(where))
     clip = build_clip(spec)
     clip_weights = {k[len("clip."):]: v for k, v in tensors.items() if k.startswith("clip.")}
     result = clip.load_state_dict(clip_weights, strict=False)

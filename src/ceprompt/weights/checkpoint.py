@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +23,36 @@ import torch
 from .. import __version__
 from ..core.errors import CheckpointError, TrainingError
 from ..core.io_utils import atomic_write
+from ..core.schema import SchemaError, read_json
 from ..data.images import IMAGE_SUFFIXES, VIDEO_SUFFIXES
+from .torchscript_data import check_zip_entries
 
 META_KEY = "ceprompt.meta"
 KIND = "ceprompt-checkpoint"
 RESUME_NAME = "resume.pt"
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
+
+
+# Weights are real floating-point numbers. A complex NaN passes isfinite's float check; bool and integer
+# tensors would be cast and used as if they were weights; fp8 is no format any CLIP ships.
+WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+SAFETENSORS_WEIGHT_DTYPES = ("F16", "BF16", "F32", "F64")
+
+
+def check_dtypes(tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Refuse weights that are not real floating-point tensors, naming the first."""
+    for key, value in tensors.items():
+        if value.dtype not in WEIGHT_DTYPES:
+            raise CheckpointError(f"{where}: {key} is {str(value.dtype).removeprefix('torch.')}; weights must be "
+                                  "fp16, bf16, fp32 or fp64")
+
+
+def check_header_dtypes(fh: Any, where: str, keys: Any = None) -> None:
+    """:func:`check_dtypes` from an open safetensors file's header, before any tensor is read."""
+    for key in keys if keys is not None else fh.keys():
+        dtype = fh.get_slice(key).get_dtype()
+        if dtype not in SAFETENSORS_WEIGHT_DTYPES:
+            raise CheckpointError(f"{where}: {key} is {dtype}; weights must be F16, BF16, F32 or F64")
 
 
 def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
@@ -99,7 +124,10 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     try:
         with safe_open(str(resolved), framework="pt", device="cpu") as fh:
             raw = (fh.metadata() or {}).get(META_KEY)
+            check_header_dtypes(fh, str(resolved))
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except CheckpointError:
+        raise
     except Exception as exc:
         raise CheckpointError(f"{resolved}: not a readable safetensors checkpoint ({exc})") from None
     if raw is None:
@@ -108,9 +136,9 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
             "(a CLIP backbone goes in backbone.path, not here)"
         )
     try:
-        meta = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{resolved}: corrupt description ({exc})") from None
+        meta = read_json(raw, f"{resolved} (description)")
+    except SchemaError as exc:
+        raise CheckpointError(str(exc)) from None
     if not isinstance(meta, dict) or meta.get("kind") != KIND:
         kind = meta.get("kind") if isinstance(meta, dict) else type(meta).__name__
         raise CheckpointError(f"{resolved}: kind {kind!r} is not a ceprompt checkpoint")
@@ -185,6 +213,10 @@ def load_resume(run_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{path}: no resume state (the run has not finished an epoch yet)")
     try:
+        with zipfile.ZipFile(path) as archive:
+            check_zip_entries(archive, str(path))
         return torch.load(path, map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
     except Exception as exc:
         raise CheckpointError(f"{path}: cannot read resume state ({str(exc).splitlines()[0][:200]})") from None

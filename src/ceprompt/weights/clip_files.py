@@ -30,10 +30,12 @@ from open_clip.model import CLIP
 
 from .. import __version__
 from ..core.errors import CheckpointError
-from ..core.io_utils import atomic_write, sha256_file
+from ..core.io_utils import atomic_write_set, sha256_file
 from ..core.paths import shown
+from ..core.schema import SchemaError, expect, read_json
 from ..model.clip import ClipSpec, build_clip, infer_spec
-from .torchscript_data import archive_tensors, read_archive
+from .checkpoint import check_dtypes
+from .torchscript_data import archive_tensors, check_zip_entries, read_archive
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +109,12 @@ def _strip_prefixes(state_dict: dict[str, Any]) -> dict[str, Any]:
 
 
 def _torch_load(path: Path) -> Any:
+    if zipfile.is_zipfile(path):  # torch's zip format: declared sizes are checked before torch inflates anything
+        try:
+            with zipfile.ZipFile(path) as archive:
+                check_zip_entries(archive, str(path))
+        except zipfile.BadZipFile as exc:
+            raise CheckpointError(f"{path}: truncated or corrupt zip ({exc})") from None
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types; all mean the same to the user here
@@ -218,14 +226,13 @@ def hf_to_open_clip(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _read_huggingface(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     config_path = path / "config.json"
     try:
-        config = json.loads(config_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{config_path}: not valid JSON ({exc})") from None
-    if "vision_config" not in config or "text_config" not in config:
-        raise CheckpointError(
-            f"{config_path}: not a CLIP config (model_type={config.get('model_type')!r}, "
-            "expected vision_config and text_config)"
-        )
+        config = read_json(config_path.read_bytes(), str(config_path))
+        vision = expect(config, "vision_config", str(config_path), dict)
+        text = expect(config, "text_config", str(config_path), dict)
+    except OSError as exc:
+        raise CheckpointError(f"{config_path}: unreadable ({exc.strerror or exc})") from None
+    except SchemaError as exc:
+        raise CheckpointError(f"{exc} (a Hugging Face CLIP config has vision_config and text_config)") from None
     for name in ("model.safetensors", "pytorch_model.bin"):
         weights = path / name
         if weights.is_file():
@@ -236,13 +243,17 @@ def _read_huggingface(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
         hf, _ = _read_safetensors(weights)
     else:
         hf = _read_state_dict(weights)
-    vision, text = config["vision_config"], config["text_config"]
     hints: dict[str, Any] = {}
-    if "num_attention_heads" in vision:
-        hints["vision_heads"] = int(vision["num_attention_heads"])
-    if "num_attention_heads" in text:
-        hints["text_heads"] = int(text["num_attention_heads"])
-    acts = {vision.get("hidden_act", "quick_gelu"), text.get("hidden_act", "quick_gelu")}
+    try:
+        for tower, section in (("vision", vision), ("text", text)):
+            heads = expect(section, "num_attention_heads", f"{config_path} ({tower}_config)", int, lo=1, hi=4096,
+                           optional=True)
+            if heads is not None:
+                hints[f"{tower}_heads"] = heads
+        acts = {expect(section, "hidden_act", f"{config_path} ({tower}_config)", str, optional=True,
+                       default="quick_gelu") for tower, section in (("vision", vision), ("text", text))}
+    except SchemaError as exc:
+        raise CheckpointError(str(exc)) from None
     if not acts <= {"quick_gelu", "gelu"} or len(acts) != 1:
         raise CheckpointError(f"{config_path}: unsupported activation(s) {sorted(acts)}; expected quick_gelu or gelu")
     hints["quick_gelu"] = acts == {"quick_gelu"}
@@ -254,18 +265,18 @@ def _sidecar_hints(path: Path, metadata: dict[str, str] | None = None) -> dict[s
     raw = (metadata or {}).get(SPEC_METADATA_KEY)
     where = f"{path} (metadata)"
     sidecar = path.with_suffix(".json")
-    if raw is None and sidecar.is_file():
-        where = str(sidecar)
-        try:
-            raw = json.dumps(json.loads(sidecar.read_text()).get("clip_spec"))
-        except (OSError, json.JSONDecodeError, AttributeError) as exc:
-            raise CheckpointError(f"{sidecar}: unreadable sidecar ({exc})") from None
-    if raw in (None, "null"):
-        return {}
     try:
-        recorded = ClipSpec.from_dict(json.loads(raw), where=where)
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{where}: malformed CLIP spec ({exc})") from None
+        if raw is None and sidecar.is_file():
+            where = str(sidecar)
+            raw = json.dumps(expect(read_json(sidecar.read_bytes(), where), "clip_spec", where, dict, optional=True))
+        if raw in (None, "null"):
+            return {}
+        recorded = ClipSpec.from_dict(expect({"clip_spec": read_json(raw, where)}, "clip_spec", where, dict),
+                                      where=where)
+    except OSError as exc:
+        raise CheckpointError(f"{sidecar}: unreadable sidecar ({exc.strerror or exc})") from None
+    except SchemaError as exc:
+        raise CheckpointError(str(exc)) from None
     return {"vision_heads": recorded.vision_heads, "text_heads": recorded.text_heads,
             "quick_gelu": recorded.quick_gelu}
 
@@ -303,6 +314,7 @@ def load_clip(path: str | os.PathLike, quick_gelu: bool | None = None) -> Loaded
     """
     state_dict, spec, fmt = read_clip_weights(path, quick_gelu)
     model = build_clip(spec)
+    check_dtypes({k: v for k, v in state_dict.items() if k in model.state_dict()}, str(path))
     state_dict = {k: v.float() for k, v in state_dict.items()}
     if "logit_scale" not in state_dict:
         state_dict["logit_scale"] = model.logit_scale.detach().clone()
@@ -328,16 +340,13 @@ def save_clip_safetensors(
         raise CheckpointError(f"{dst}: the output file must end in .safetensors")
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     metadata = {SPEC_METADATA_KEY: json.dumps(spec.to_dict()), "format": "pt"}
-    with atomic_write(dst) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
-    sidecar = {
-        "kind": "clip",
-        "ceprompt_version": __version__,
-        "clip_spec": spec.to_dict(),
-        "source": source or {},
-    }
-    with atomic_write(dst.with_suffix(".json")) as tmp:
-        tmp.write_text(json.dumps(sidecar, indent=2) + "\n")
+    sidecar_path = dst.with_suffix(".json")
+    # the sidecar describes (source, hashes) the weights beside it: both are replaced as a set, the sidecar last
+    with atomic_write_set([dst, sidecar_path], commit=sidecar_path) as tmp:
+        save_file(tensors, str(tmp[dst]), metadata=metadata)
+        sidecar = {"kind": "clip", "ceprompt_version": __version__, "clip_spec": spec.to_dict(),
+                   "sha256": sha256_file(tmp[dst]), "source": source or {}}
+        tmp[sidecar_path].write_text(json.dumps(sidecar, indent=2) + "\n")
     return dst
 
 

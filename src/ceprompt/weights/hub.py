@@ -14,7 +14,6 @@ Files come from the Hugging Face cache (``$HF_HUB_CACHE``, ``$HF_HOME``), downlo
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import posixpath
@@ -26,6 +25,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from ..core.errors import CheckpointError
+from ..core.schema import expect, read_json
 
 log = logging.getLogger(__name__)
 HF_PREFIX = "hf-hub:"
@@ -169,10 +169,11 @@ def _open_clip_quick_gelu(repo: str, revision: str | None) -> bool | None:
     if config is None:
         return None
     try:
-        model_cfg = json.loads(config.read_text()).get("model_cfg", {})
+        model_cfg = expect(read_json(config.read_bytes(), str(config)), "model_cfg", str(config), dict, optional=True,
+                           default={})
+        return expect(model_cfg, "quick_gelu", f"{config} (model_cfg)", bool, optional=True, default=False)
     except (OSError, ValueError):
         return None
-    return bool(model_cfg.get("quick_gelu", False))
 
 
 def _split_repo(value: str) -> tuple[str, str | None]:

@@ -10,6 +10,7 @@ object in the pickle is refused. Nothing in the archive's ``code/`` folder is ev
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import re
 import zipfile
@@ -127,10 +128,31 @@ def _pickle_name(path: str, names: list[str]) -> str:
     return candidates[0]
 
 
+# torch writes every entry of its zip files uncompressed. A compressed entry is someone else's: allowed only when
+# small, so that declared sizes cannot turn a small file into gigabytes before anything is checked.
+MAX_COMPRESSED_ENTRY = 64 << 20
+
+
+def check_zip_entries(archive: zipfile.ZipFile, path: str) -> None:
+    """Refuse a zip whose entries declare more than the file could hold: compressed entries over
+    :data:`MAX_COMPRESSED_ENTRY`, or stored ones larger than the file itself."""
+    file_size = os.path.getsize(path)
+    for info in archive.infolist():
+        if info.compress_type == zipfile.ZIP_STORED:
+            if info.file_size > file_size:
+                raise CheckpointError(f"{path}: entry {info.filename} declares {info.file_size:,} bytes in a file of "
+                                      f"{file_size:,}")
+        elif info.file_size > MAX_COMPRESSED_ENTRY:
+            raise CheckpointError(f"{path}: entry {info.filename} is compressed and declares {info.file_size:,} "
+                                  f"bytes (from {info.compress_size:,}); torch's files store tensors uncompressed, "
+                                  "and no compressed entry over 64 MiB is inflated")
+
+
 def read_archive(path: str) -> ArchiveObject:
     """The root object of a TorchScript archive, unpickled as data only."""
     try:
         with zipfile.ZipFile(path) as archive:
+            check_zip_entries(archive, path)
             name = _pickle_name(path, archive.namelist())
             if archive.getinfo(name).file_size > _MAX_PICKLE_BYTES:
                 raise CheckpointError(f"{path}: {name} is too large to be a module's attributes")
