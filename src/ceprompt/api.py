@@ -11,10 +11,12 @@ training crops (:mod:`ceprompt.data.faces`); ``detect="none"`` takes each image 
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import warnings
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -34,7 +36,7 @@ from .data.faces import (
 )
 from .data.images import open_image
 from .engine.runtime import resolve_device, resolve_precision
-from .model.head import patch_class_similarity
+from .model.head import ScoreOutput, patch_class_similarity
 from .weights.build import LoadedModel, load_trained
 
 ImageInput = str | os.PathLike | Image.Image | np.ndarray
@@ -54,6 +56,16 @@ class FaceResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class FaceEmbedding:
+    """One face's image embedding."""
+
+    image: int  # index of the image among those given
+    box: tuple[float, float, float, float]  # x0, y0, x1, y1 in that image's pixels
+    embedding: np.ndarray  # (D,) float32, unit length
+    label: str  # the predicted class
 
 
 @dataclass
@@ -111,11 +123,32 @@ class Recognizer:
         return [(f, align_face(image, f.box, f.landmarks, size, self.expand)) for f in self.detector.detect(image)]
 
     @torch.no_grad()
-    def _score(self, crops: Sequence[Image.Image]) -> tuple[np.ndarray, torch.Tensor]:
+    def _forward(self, crops: Sequence[Image.Image]) -> ScoreOutput:
         batch = self.preprocess.batch_tensor(crops).to(self.device)
         with self._autocast():
-            out = self.model(batch, text_features=self.text_features)
+            return self.model(batch, text_features=self.text_features)
+
+    def _score(self, crops: Sequence[Image.Image]) -> tuple[np.ndarray, torch.Tensor]:
+        out = self._forward(crops)
         return out.logits.float().cpu().numpy(), out.patches.float().cpu()
+
+    def embed(self, images: Iterable[ImageInput], detect: str = "mtcnn", batch_size: int = 32
+              ) -> list[FaceEmbedding]:
+        """Per face, the model's image embedding (the projected class token the global score uses), scaled to unit
+        length: the features of the paper's t-SNE figures. Faces of every image, in order, largest first."""
+        items: list[tuple[int, DetectedFace, Image.Image]] = []
+        for index, image in enumerate(images):
+            items += [(index, face, crop) for face, crop in self.find_faces(self.load_image(image), detect)]
+        out: list[FaceEmbedding] = []
+        for start in range(0, len(items), batch_size):
+            chunk = items[start:start + batch_size]
+            result = self._forward([crop for _, _, crop in chunk])
+            vectors = torch.nn.functional.normalize(result.global_emb.float(), dim=-1).cpu().numpy()
+            scores = result.logits.float().cpu().numpy()
+            for (index, face, _), vector, row in zip(chunk, vectors, scores):
+                label = self.class_names[int(row.argmax())]
+                out.append(FaceEmbedding(index, tuple(round(v, 2) for v in face.box), vector, label))
+        return out
 
     def _results(self, faces: Sequence[DetectedFace], scores: np.ndarray) -> list[FaceResult]:
         logits = scores * self.temperature
@@ -207,3 +240,39 @@ def _callers_level() -> int:
     while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
         frame, level = frame.f_back, level + 1
     return level
+
+
+@dataclass
+class RunResult:
+    """What :func:`train` returns."""
+
+    run_dir: Path  # the run directory (config.yaml, summary.csv, checkpoints/, eval/)
+    stage: str  # eva or cat
+    checkpoint: Path  # checkpoints/best.safetensors
+    metrics: dict[str, Any] | None  # eval/metrics.json of the chosen epoch (None with run.final_eval=false)
+
+
+def train(config: str | os.PathLike | None = None, resume: str | os.PathLike | None = None, overwrite: bool = False,
+          sets: Sequence[str] = (), **overrides: Any) -> RunResult:
+    """Train either stage from Python, exactly as ``ceprompt train`` does (the same code).
+
+    ``config``: a YAML file or a shipped name (``"rafdb_stage1"``); ``resume``: a run directory to continue.
+    Overrides are keyword arguments with ``__`` for the dot, ``ceprompt.train("rafdb_stage1",
+    data__root="data/RAF-DB", optim__epochs=10)``, or ``sets=["optim.epochs=10"]`` as on the command line.
+    """
+    from .engine.train import train as run
+    from .engine.train import training_config
+
+    cfg = training_config(config, resume, [*sets, *(f"{key.replace('__', '.')}={_as_yaml(value)}"
+                                                    for key, value in overrides.items())])
+    run_dir = Path(run(cfg, resume=resume, overwrite=overwrite))
+    metrics_file = run_dir / "eval" / "metrics.json"
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
+    return RunResult(run_dir, cfg.stage, run_dir / "checkpoints" / "best.safetensors", metrics)
+
+
+def _as_yaml(value: Any) -> str:
+    """A Python value written as ``--set`` reads it (YAML): strings stay text, even ``"1"`` or ``"null"``."""
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    return json.dumps(value)

@@ -38,10 +38,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def _train_config(args: argparse.Namespace):
-    from pathlib import Path
-
-    from .core.config import load_config
-    from .core.errors import ConfigError
+    from .engine.train import training_config
 
     overrides = list(args.set or [])
     shortcuts = {"clip": "backbone.path", "init": "backbone.init", "data": "data.root", "device": "run.device",
@@ -59,16 +56,7 @@ def _train_config(args: argparse.Namespace):
         overrides.append("run.progress=false")
     if args.allow_outside_root:
         overrides.append("data.allow_outside_root=true")
-    if args.resume:
-        if args.config:
-            raise ConfigError("--resume continues a run with its own config.yaml; do not pass --config")
-        saved = Path(args.resume).expanduser() / "config.yaml"
-        if not saved.is_file():
-            raise ConfigError(f"{saved}: not found; --resume takes a run directory made by ceprompt train")
-        return load_config(saved, overrides)  # the trainer records changes once an epoch succeeds
-    if not args.config:
-        raise ConfigError("give --config (a YAML file or a shipped name such as rafdb_stage1)")
-    return load_config(args.config, overrides)
+    return training_config(args.config, args.resume, overrides)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -206,6 +194,42 @@ def _cmd_import_official(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_embed(args: argparse.Namespace) -> int:
+    from .api import load
+    from .core.paths import output_file
+    from .verbs.embed import embed_files, image_files, plot_tsne, save_npz
+
+    out = output_file(args.output, args.overwrite, "--output")
+    plot = output_file(args.plot, args.overwrite, "--plot") if args.plot else None
+    files = image_files(args.inputs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        rec = load(args.checkpoint, device=args.device, precision=args.precision)
+    features = embed_files(rec, files, detect=args.detect, batch_size=args.batch_size)
+    save_npz(features, out)
+    print(f"wrote {len(features['embeddings'])} face embeddings of {features['embeddings'].shape[1]} dimensions "
+          f"to {out}")
+    if plot:
+        plot_tsne(features, rec.class_names, plot)
+        print(f"t-SNE map: {plot}")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from .core.paths import output_file
+    from .verbs.compare import compare, markdown, plot_f1, write_csv
+
+    csv_path = output_file(args.csv, args.overwrite, "--csv") if args.csv else None
+    plot_path = output_file(args.plot, args.overwrite, "--plot") if args.plot else None
+    result = compare(args.runs)
+    print(markdown(result), end="")
+    if csv_path:
+        write_csv(result, csv_path)
+    if plot_path:
+        plot_f1(result, plot_path)
+    return 0
+
+
 def _cmd_check_data(args: argparse.Namespace) -> int:
     import json
 
@@ -320,6 +344,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pixel_limit(p)
     _add_runtime_args(p)
     p.set_defaults(handler=_cmd_train)
+
+    p = verbs.add_parser("embed", help="the model's image embedding of every face, for t-SNE/UMAP figures")
+    p.add_argument("checkpoint", help="checkpoint .safetensors, run directory, model folder or hf-hub:ORG/NAME")
+    p.add_argument("inputs", nargs="+", metavar="PATH", help="images or folders (searched recursively)")
+    p.add_argument("--output", "-o", required=True, metavar="FILE", help="the .npz file to write")
+    p.add_argument("--plot", metavar="FILE", help="also draw a t-SNE map (PNG; needs scikit-learn)")
+    p.add_argument("--detect", choices=["mtcnn", "none"], default="mtcnn",
+                   help="find faces with MTCNN (default) or take each image as one face crop")
+    p.add_argument("--batch-size", type=arg(POSITIVE_INT), default=32, help="faces per forward pass (default 32)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    _add_pixel_limit(p)
+    _add_runtime_args(p)
+    p.set_defaults(handler=_cmd_embed, device="auto", precision="auto")
+
+    p = verbs.add_parser("compare", help="runs or evaluations side by side: metrics, the settings that differ, "
+                                         "McNemar's test and a bootstrap interval on the same test images")
+    p.add_argument("runs", nargs="+", metavar="RUN_OR_EVAL_DIR",
+                   help="training runs, `eval --out` folders, or folders of runs (a `demo --seeds N` folder)")
+    p.add_argument("--csv", metavar="FILE", help="also write the table as CSV")
+    p.add_argument("--plot", metavar="FILE", help="also draw per-class F1 side by side (PNG)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing --csv/--plot files")
+    p.set_defaults(handler=_cmd_compare)
 
     p = verbs.add_parser("check-data", help="report every problem of a dataset at once, with a summary")
     p.add_argument("root", help="dataset root")

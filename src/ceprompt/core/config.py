@@ -70,6 +70,8 @@ class DataConfig:
     skip_bad_images: bool = False  # decode every image first; leave unreadable ones out (listed in the run)
     allow_outside_root: bool = False  # accept index paths that are absolute or leave the root through ../
     cache_images: bool = False  # keep decoded images in memory (small datasets, many epochs)
+    val_fraction: float = 0.0  # share of each class's training images held out to choose the best epoch and the
+    #   temperature (the test split is then evaluated once); 0: both chosen on the test split, the paper's protocol
 
 
 @dataclass
@@ -130,6 +132,8 @@ class RunConfig:
     teacher_cache: bool = True  # stage 1, flip-only augmentation: reuse the frozen teacher's embeddings
     threads: int = 0  # CPU threads; 0: chosen from the cores free at the start, re-checked each epoch
     progress: bool = True  # progress bars (rank 0 only)
+    log_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # experiment trackers: tensorboard, wandb,
+    #   mlflow (each when installed; a missing one costs a log line)
     final_eval: bool = True  # full evaluation of the best checkpoint at the end (metrics, confusion matrix)
     notice: str | None = None  # said with every use of the trained model (the demo's: drawn faces only)
 
@@ -192,6 +196,8 @@ class Config:
             (self.data.resize in ("square", "shorter"), f"data.resize={brief(self.data.resize)}; expected square or shorter"),
             (self.data.interpolation in ("bicubic", "bilinear"),
              f"data.interpolation={brief(self.data.interpolation)}; expected bicubic or bilinear"),
+            (all(name in ("tensorboard", "wandb", "mlflow") for name in self.run.log_to),
+             f"run.log_to={brief(self.run.log_to)}; expected a list of tensorboard, wandb and mlflow"),
             (self.cat.prompt_layout in ("ceprompt", "authors"),
              f"cat.prompt_layout={brief(self.cat.prompt_layout)}; expected ceprompt or authors"),
             (self.data.prompt_names is None or all(isinstance(n, str) and n.strip() for n in self.data.prompt_names),
@@ -210,6 +216,7 @@ RANGES: dict[str, Range] = {
     "data.mean": Range(-10, 10),
     "data.std": Range(0, 10, lo_open=True),
     "data.workers": Range(0, 256, integer=True),
+    "data.val_fraction": Range(0, 0.5),
     "head.top_k": POSITIVE_INT,
     "head.alpha": UNIT,
     "head.logit_scale": Range(0, 1000, lo_open=True),
@@ -337,7 +344,7 @@ def resolve_config_path(name: str | os.PathLike) -> Path:
     raise ConfigError(f"{name}: no such config file (shipped configs: {known})")
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
@@ -404,7 +411,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
     cfg = Config()
     if path is not None:
         resolved = resolve_config_path(path)
-        _merge(cfg, _read_yaml(resolved), str(resolved))
+        _merge(cfg, read_yaml(resolved), str(resolved))
     for text in overrides:
         _merge(cfg, parse_override(text), f"--set {text}")
     b = cfg.backbone

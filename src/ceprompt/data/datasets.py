@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -243,6 +244,23 @@ def load_splits(
     if not splits.train and not splits.test:
         raise DataError(f"dataset {dataset} at {splits.root}: no images")
     return splits
+
+
+def validation_split(samples: Sequence[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """(training, validation): per class, ``fraction`` of its images (at least one of a class with two or more,
+    always one left to train) drawn with ``seed``; ``fraction`` 0 keeps them all for training."""
+    if fraction <= 0:
+        return list(samples), []
+    rng = random.Random(seed)
+    by_class: dict[int, list[int]] = {}
+    for i, sample in enumerate(samples):
+        by_class.setdefault(sample.label, []).append(i)
+    held: set[int] = set()
+    for label in sorted(by_class):
+        indices = by_class[label]
+        k = min(max(round(fraction * len(indices)), 1 if len(indices) > 1 else 0), len(indices) - 1)
+        held.update(rng.sample(indices, k))
+    return [s for i, s in enumerate(samples) if i not in held], [samples[i] for i in sorted(held)]
 
 
 class FERDataset(Dataset):

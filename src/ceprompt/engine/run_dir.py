@@ -26,7 +26,8 @@ from .runtime import Runtime
 
 log = logging.getLogger(__name__)
 SUMMARY_FIELDS = ["epoch", "lr", "train_loss", "train_ce", "train_kd", "train_accuracy", "test_accuracy",
-                  "test_mean_class_accuracy", "test_macro_f1", "epoch_seconds", "train_images_per_second", "threads"]
+                  "test_mean_class_accuracy", "test_macro_f1", "epoch_seconds", "train_images_per_second", "threads",
+                  "val_accuracy", "val_mean_class_accuracy", "val_macro_f1"]  # val_*: with data.val_fraction
 
 
 def run_dir_path(cfg: Config, rt: Runtime) -> Path:

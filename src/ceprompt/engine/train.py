@@ -14,7 +14,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -23,11 +23,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..core.config import Config, dump_config
+from ..core.config import Config, dump_config, load_config
 from ..core.errors import ConfigError, DataError, TrainingError
 from ..core.io_utils import atomic_write
 from ..core.owned_dirs import MARKER, DirLock
-from ..data.datasets import FERDataset, Splits, default_augment, default_balanced, load_splits
+from ..data.datasets import FERDataset, Splits, default_augment, default_balanced, load_splits, validation_split
 from ..data.samplers import TrainSampler
 from ..data.transforms import test_transform, train_augment
 from ..model.eva import EVAModel
@@ -37,8 +37,8 @@ from ..weights.build import BuiltModel, build_for_training, checkpoint_meta, pre
 from ..weights.checkpoint import load_resume, read_checkpoint, save_checkpoint, save_resume
 from .evaluate import eval_loader, evaluate, format_metrics, reraise_worker_error, unwrap, write_report
 from .metrics import fit_temperature
+from .reporting import Reporter
 from .run_dir import (
-    append_summary,
     attach_log_file,
     check_free_space,
     keep_best,
@@ -114,9 +114,14 @@ class Trainer:
         d = cfg.data
         resize = self.preprocess.resize()
         augment = train_augment(d.augment or default_augment(d.dataset), self.preprocess)
-        self.train_set = FERDataset(self.splits.train, resize, augment, cache=d.cache_images, workers=d.workers)
+        train, held_out = validation_split(self.splits.train, d.val_fraction, cfg.run.seed)
+        self.train_set = FERDataset(train, resize, augment, cache=d.cache_images, workers=d.workers)
         self.test_set = FERDataset(self.splits.test, resize, test_transform(self.preprocess), cache=d.cache_images,
                                    workers=d.workers)
+        # the split that chooses the best epoch and the temperature: a validation split carved from the training
+        # images when data.val_fraction is set, else the test split (the paper's protocol)
+        self.val_set = FERDataset(held_out, resize, test_transform(self.preprocess)) if held_out else None
+        self.selected_on = "val" if held_out else "test"
         if not len(self.train_set) or not len(self.test_set):
             split = "training" if not len(self.train_set) else "test"
             raise DataError(f"dataset {d.dataset} at {d.root}: no {split} images (training evaluates on the test "
@@ -136,7 +141,8 @@ class Trainer:
         self.loader = DataLoader(self.train_set, batch_size=self.micro_batch, sampler=self.sampler,
                                  num_workers=n_workers, pin_memory=rt.device.type == "cuda",
                                  generator=self.generator, persistent_workers=n_workers > 0)
-        self.test_loader = eval_loader(self.test_set, rt, self.micro_batch, d.workers, persistent=True)
+        self.select_set = self.val_set or self.test_set
+        self.select_loader = eval_loader(self.select_set, rt, self.micro_batch, d.workers, persistent=True)
         if cfg.stage == "eva" and cfg.run.teacher_cache and augment.kind in ("rafdb", "none"):
             self.model.enable_teacher_cache(2 * len(self.train_set))
         if cfg.run.compile:
@@ -158,12 +164,14 @@ class Trainer:
         self.start_epoch, self.best_accuracy, self.best_epoch = 0, -1.0, -1
         self.kept_best: Path | None = None  # a resumed run's previous best, for the runs built on it
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.writer = None
+        self.reporter: Reporter | None = None
         self.on_checkpoint: Callable[[], None] = lambda: None
 
     def close(self) -> None:
         """End the loader processes now (they live as long as their loaders), not whenever memory is collected."""
-        self.loader = self.test_loader = None  # type: ignore[assignment]
+        self.loader = self.select_loader = None  # type: ignore[assignment]
+        if self.reporter is not None:
+            self.reporter.close()
 
     def attach(self, run_dir: Path, resuming: bool) -> None:
         """Bind to the (created or resumed) run directory: space check, logs, restored state."""
@@ -172,7 +180,9 @@ class Trainer:
         if rt.is_main:
             trainable = sum(p.numel() for p in self.trainable)
             check_free_space(run_dir, trainable, 2 if o.name == "adamw" else 1)
-            self.writer = self._tensorboard()
+            self.reporter = Reporter(cfg, run_dir, self.selected_on, 0)
+            if self.val_set is not None:
+                self._record_validation_split(resuming)
             log.info("%d training / %d test images, classes %s", len(self.train_set), len(self.test_set),
                      self.class_names)
             log.info("stage %s, %s trainable parameters, micro-batch %d x %d process(es) x %d accumulation, "
@@ -183,12 +193,15 @@ class Trainer:
         if resuming:
             self._restore()
 
-    def _tensorboard(self):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            return None
-        return SummaryWriter(str(self.run_dir / "tensorboard"))
+    def _record_validation_split(self, resuming: bool) -> None:
+        """The validation images, listed in the run; a resumed run must draw the same ones."""
+        listed = self.run_dir / "val_images.txt"
+        text = "".join(f"{s.path}\n" for s in self.val_set.samples)
+        if resuming and listed.is_file() and listed.read_text() != text:
+            raise ConfigError(f"{listed}: the validation split drawn now differs from the one this run trained with "
+                              "(the dataset or data.val_fraction changed)")
+        with atomic_write(listed) as tmp:
+            tmp.write_text(text)
 
     def _restore(self) -> None:
         state = load_resume(self.run_dir)
@@ -305,7 +318,8 @@ class Trainer:
         if metrics:
             summary = {k: metrics[k] for k in ("accuracy", "mean_class_accuracy", "macro_f1", "n")}
         return checkpoint_meta(self.cfg, self.built, self.class_names, self.preprocess,
-                               folder=self.run_dir / "checkpoints", epoch=epoch, test_metrics=summary)
+                               folder=self.run_dir / "checkpoints", epoch=epoch,
+                               test_metrics=summary if self.selected_on == "test" else None)
 
     def _save(self, epoch: int, metrics: dict[str, Any] | None) -> None:
         config_text = dump_config(self.cfg)
@@ -336,61 +350,51 @@ class Trainer:
             stats = self.train_epoch(epoch)
             metrics = None
             if (epoch + 1) % cfg.run.eval_every == 0 or epoch + 1 == epochs:
-                metrics, _ = evaluate(self.net, self.test_set, self.class_names, rt, self.micro_batch,
-                                      cfg.data.workers, cfg.run.progress, loader=self.test_loader)
+                metrics, _ = evaluate(self.net, self.select_set, self.class_names, rt, self.micro_batch,
+                                      cfg.data.workers, cfg.run.progress, loader=self.select_loader)
             if rt.is_main:
                 self._save(epoch, metrics)
                 self.on_checkpoint()
-                self._report(epoch, stats, metrics)
+                self.reporter.epoch(epoch, stats, metrics, self.threads.threads, (self.best_accuracy, self.best_epoch),
+                                    rt.world)
             rt.barrier()
         if cfg.run.final_eval:
             self.final_eval()
         if rt.is_main:
             settle_kept_best(self.run_dir, self.kept_best)
-        if self.writer is not None:
-            self.writer.close()
         return self.run_dir
 
-    def _report(self, epoch: int, stats: EpochStats, metrics: dict[str, Any] | None) -> None:
-        row = {"epoch": epoch + 1, "lr": f"{stats.lr:.3e}", "train_loss": f"{stats.loss:.6f}",
-               "train_ce": f"{stats.ce:.6f}", "train_kd": f"{stats.kd:.6f}",
-               "train_accuracy": f"{stats.accuracy:.6f}", "epoch_seconds": f"{stats.seconds:.2f}",
-               "train_images_per_second": f"{stats.images_per_second * self.rt.world:.2f}",
-               "threads": self.threads.threads}
-        if metrics:
-            row.update(test_accuracy=f"{metrics['accuracy']:.6f}",
-                       test_mean_class_accuracy=f"{metrics['mean_class_accuracy']:.6f}",
-                       test_macro_f1=f"{metrics['macro_f1']:.6f}")
-        append_summary(self.run_dir, row)
-        test = f"  test {format_metrics(metrics)}  best {self.best_accuracy:.4f}@{self.best_epoch}" if metrics else ""
-        log.info("epoch %d/%d  loss %.4f (ce %.4f kd %.4f)  train acc %.4f  lr %.2e  %.1f img/s  %.0fs%s",
-                 epoch + 1, self.cfg.optim.epochs, stats.loss, stats.ce, stats.kd, stats.accuracy, stats.lr,
-                 stats.images_per_second * self.rt.world, stats.seconds, test)
-        if self.writer is not None:
-            for key in ("loss", "ce", "kd", "accuracy", "lr", "images_per_second"):
-                self.writer.add_scalar(f"train/{key}", getattr(stats, key), epoch + 1)
-            for key in ("accuracy", "mean_class_accuracy", "macro_f1"):
-                if metrics:
-                    self.writer.add_scalar(f"test/{key}", metrics[key], epoch + 1)
-            self.writer.flush()
-
     def final_eval(self) -> None:
-        """Full report of the best checkpoint on the test split, in ``eval/``."""
+        """Full report of the chosen checkpoint on the test split, in ``eval/``: evaluated once, here, when a
+        validation split chose the epoch; the temperature is fitted on the split that chose it."""
         best = self.run_dir / "checkpoints" / "best.safetensors"
         chosen = rt_gather_path(self.rt, best if best.is_file() else self.run_dir / "checkpoints" / "last.safetensors")
         tensors, meta, _ = read_checkpoint(chosen)
         load_trainable(self.model, tensors, str(chosen))
-        metrics, scores = evaluate(self.net, self.test_set, self.class_names, self.rt, self.micro_batch,
-                                   self.cfg.data.workers, self.cfg.run.progress, loader=self.test_loader)
-        if self.rt.is_main:
-            calibration = {**fit_temperature(scores, self.test_set.labels), "fit_on": "test split"}
-            save_checkpoint(chosen, tensors, {**meta, "calibration": calibration})
+        d, rt = self.cfg.data, self.rt
+        selection, held_out = None, None
+        if self.val_set is not None:
+            selection, held_out = evaluate(self.net, self.val_set, self.class_names, rt, self.micro_batch, d.workers,
+                                           self.cfg.run.progress, loader=self.select_loader)
+        metrics, scores = evaluate(self.net, self.test_set, self.class_names, rt, self.micro_batch, d.workers,
+                                   self.cfg.run.progress)
+        if rt.is_main:
+            fit_scores, fit_set = (held_out, self.val_set) if self.val_set is not None else (scores, self.test_set)
+            calibration = {**fit_temperature(fit_scores, fit_set.labels),
+                           "fit_on": "validation split" if self.val_set is not None else "test split"}
+            summary = {k: metrics[k] for k in ("accuracy", "mean_class_accuracy", "macro_f1", "n")}
+            save_checkpoint(chosen, tensors, {**meta, "calibration": calibration, "test_metrics": summary})
+            chose = ("the validation split (data.val_fraction); the test split evaluated once, for this epoch"
+                     if self.val_set is not None else "the test split (the paper's protocol)")
             write_report(self.run_dir / "eval", self.test_set, self.class_names, scores, metrics,
                          extra={"checkpoint": str(chosen), "epoch": meta.get("epoch"), "stage": self.cfg.stage,
-                                "calibration": calibration})
-            log.info("best checkpoint (epoch %s): %s", meta.get("epoch"), format_metrics(metrics))
-            log.info("probability temperature %.2f (NLL %.3f, %.3f at 1)", calibration["temperature"],
-                     calibration["nll"], calibration["nll_at_1"])
+                                "calibration": calibration, "epoch_chosen_on": chose,
+                                "validation": selection and {k: selection[k] for k in summary}})
+            log.info("best checkpoint (epoch %s, chosen on %s): %s", meta.get("epoch"), chose, format_metrics(metrics))
+            log.info("probability temperature %.2f (NLL %.3f, %.3f at 1, fitted on the %s)", calibration["temperature"],
+                     calibration["nll"], calibration["nll_at_1"], calibration["fit_on"])
+            if self.reporter is not None:
+                self.reporter.final(metrics, self.run_dir / "eval" / "confusion_matrix.png")
 
 
 def compile_blocks(model: nn.Module) -> None:
@@ -410,11 +414,26 @@ def compile_blocks(model: nn.Module) -> None:
 def model_settings(cfg: Config) -> dict[str, Any]:
     """The config values that shape the trained weights; a resume must not change them."""
     flat = {"stage": cfg.stage, "data.dataset": cfg.data.dataset, "backbone.path": cfg.backbone.path,
-            "backbone.arch": cfg.backbone.arch}
+            "backbone.arch": cfg.backbone.arch, "data.val_fraction": cfg.data.val_fraction}
     flat.update({f"head.{k}": v for k, v in cfg.head.__dict__.items()})
     section = cfg.eva if cfg.stage == "eva" else cfg.cat
     flat.update({f"{cfg.stage}.{k}": v for k, v in section.__dict__.items()})
     return flat
+
+
+def training_config(config: str | Path | None, resume: str | Path | None, overrides: Sequence[str] = ()) -> Config:
+    """The config of a run to start (``config``: a YAML file or a shipped name) or to resume (its own
+    ``config.yaml``), with ``KEY=VALUE`` overrides; what ``ceprompt train`` and ``ceprompt.train`` both use."""
+    if resume is not None:
+        if config:
+            raise ConfigError("--resume continues a run with its own config.yaml; do not pass --config")
+        saved = Path(resume).expanduser() / "config.yaml"
+        if not saved.is_file():
+            raise ConfigError(f"{saved}: not found; --resume takes a run directory made by ceprompt train")
+        return load_config(saved, overrides)  # the trainer records changes once an epoch succeeds
+    if not config:
+        raise ConfigError("give --config (a YAML file or a shipped name such as rafdb_stage1)")
+    return load_config(config, overrides)
 
 
 def train(cfg: Config, resume: str | Path | None = None, overwrite: bool = False) -> Path:

@@ -136,6 +136,11 @@ def run_doctor(arch: str = "tiny-vit") -> int:
     print("optional extras:")
     for name, value in _extras():
         print(f"  {name:16s} {value}")
+    print("experiment trackers (run.log_to):")
+    from ..engine.reporting import INSTALL, installed_trackers
+
+    for name, found in installed_trackers().items():
+        print(f"  {name:16s} {'installed' if found else 'not installed: ' + INSTALL[name]}")
     print("cpu:")
     for name, value in _cpu():
         print(f"  {name:16s} {value}")
