@@ -1,0 +1,61 @@
+"""The ``ceprompt`` command: one verb per job (options in :mod:`.parser`, what each verb does in :mod:`.commands`,
+the work itself in the package's modules).
+
+Errors the user can fix (:class:`~ceprompt.core.errors.CepromptError`) are printed as one
+line and exit with status 1; argument mistakes exit with status 2 (argparse).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Callable, Sequence
+
+from ..core.errors import CepromptError
+from .parser import DEFAULT_MIN_FACE, build_parser
+
+__all__ = ["DEFAULT_MIN_FACE", "build_parser", "main"]
+Handler = Callable[[argparse.Namespace], int]
+
+def _quiet_stdout() -> None:
+    """After a failed write to stdout, point it at /dev/null: Python's flush at exit would fail again, loudly."""
+    try:
+        sys.stdout.flush()
+    except OSError:
+        sys.stdout = open(os.devnull, "w")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    if not (sys.argv[1:] if argv is None else list(argv)):  # plain `ceprompt`: what it can do
+        parser.print_help()
+        return 0
+    args = parser.parse_args(argv)
+    # ceprompt's own messages at INFO; other libraries (onnxscript, onnx_ir, ...) only when they warn
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    logging.getLogger("ceprompt").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    handler: Handler = args.handler
+    from ..data.images import pixel_limit
+
+    try:
+        if hasattr(args, "threads") and args.verb not in ("train", "demo"):  # those two manage threads per run
+            from ..engine.threads import set_threads
+
+            set_threads(args.threads)
+        with pixel_limit(getattr(args, "max_pixels", None)):
+            return handler(args)
+    except CepromptError as exc:
+        print(f"ceprompt {args.verb}: error: {exc}", file=sys.stderr)
+        _quiet_stdout()
+        return 1
+    except OSError as exc:  # the system refused a write or a read: a full disk, a closed pipe, a lost mount
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"ceprompt {args.verb}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        _quiet_stdout()
+        return 1
+    except KeyboardInterrupt:
+        print(f"ceprompt {args.verb}: interrupted", file=sys.stderr)
+        return 130
