@@ -398,7 +398,7 @@ def test_a_full_disk_is_one_line_and_leaves_no_partial_output(runs, tmp_path: Pa
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(predict.Writer, "write", full)
     out = tmp_path / "p.csv"
-    assert main(["predict", str(runs["s2"]), str(face), "--detect", "none", "-o", str(out)]) == 1
+    assert main(["predict", str(runs["s2"]), str(face), "--detect", "none", "-o", str(out), "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert "No space left on device" in err and len(err.strip().splitlines()) == 1 and not out.exists()
     stdout_full = subprocess.run([sys.executable, "-m", "ceprompt", "predict", str(runs["s2"]), str(face), "--detect",

@@ -14,7 +14,6 @@ import torch
 from safetensors.torch import load_file
 
 from ceprompt.cli import main
-from ceprompt.engine import train as train_module
 
 from helpers import write_folder_dataset, write_three_file_dataset
 
@@ -125,15 +124,17 @@ def test_resume_matches_uninterrupted_run(tmp_path: Path, rafdb: Path, monkeypat
     common = ["--config", "rafdb_stage1", "--deterministic"]
     assert main(["train", *common, *tiny(tmp_path, rafdb, "full", "optim.epochs=3")]) == 0
 
-    original = train_module.Trainer._report
+    from ceprompt.engine.reporting import Reporter
 
-    def crash_after_first_epoch(self, epoch, stats, metrics):
-        original(self, epoch, stats, metrics)
+    original = Reporter.epoch
+
+    def crash_after_first_epoch(self, *args, **kwargs):
+        original(self, *args, **kwargs)
         raise KeyboardInterrupt  # as if the process died right after epoch 1 was saved
 
-    monkeypatch.setattr(train_module.Trainer, "_report", crash_after_first_epoch)
+    monkeypatch.setattr(Reporter, "epoch", crash_after_first_epoch)
     assert main(["train", *common, *tiny(tmp_path, rafdb, "cut", "optim.epochs=3")]) == 130
-    monkeypatch.setattr(train_module.Trainer, "_report", original)
+    monkeypatch.setattr(Reporter, "epoch", original)
     cut = tmp_path / "runs" / "cut"
     assert torch.load(cut / "resume.pt", weights_only=True)["epoch"] == 1
     assert main(["train", "--resume", str(cut)]) == 0

@@ -103,11 +103,10 @@ def _open(source: Source, name: str) -> Image.Image:
             raise ImageError(f"{name}: empty file")
     elif isinstance(source, bytes):
         source = io.BytesIO(source)
-    _register_heif()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(source, formats=FORMATS)
+            image = Image.open(source, formats=_formats())
     except Image.DecompressionBombError:
         raise ImageError(f"{name}: declares more pixels than Pillow's own safety limit; "
                          f"ceprompt's limit is {max_pixels():,} (--max-pixels)") from None
@@ -123,6 +122,14 @@ def _open(source: Source, name: str) -> Image.Image:
         image.close()
         raise ImageError(f"{name}: declares an empty image ({width}x{height})")
     return image
+
+
+@functools.cache
+def _formats() -> tuple[str, ...]:
+    """:data:`FORMATS` this Pillow has (Pillow 13 reads MPO through its JPEG plugin and registers no MPO)."""
+    _register_heif()
+    Image.init()
+    return tuple(f for f in FORMATS if f in Image.OPEN)
 
 
 @functools.cache

@@ -95,6 +95,8 @@ class _MLflow:
 
         self.mlflow = mlflow
         if not os.environ.get("MLFLOW_TRACKING_URI"):
+            # a file store in the run: it needs no database library (mlflow 3 asks for this variable to use one)
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
             mlflow.set_tracking_uri((run_dir / "mlruns").resolve().as_uri())
         mlflow.set_experiment("ceprompt")
         self.run = mlflow.start_run(run_name=run_dir.name)

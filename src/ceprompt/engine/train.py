@@ -343,6 +343,14 @@ class Trainer:
         })
 
     def fit(self) -> Path:
+        try:
+            self._epochs()
+        finally:  # a failed run leaves best.safetensors as it was: its kept copy is then not needed
+            if self.rt.is_main:
+                settle_kept_best(self.run_dir, self.kept_best)
+        return self.run_dir
+
+    def _epochs(self) -> None:
         cfg, rt = self.cfg, self.rt
         epochs = cfg.optim.epochs
         for epoch in range(self.start_epoch, epochs):
@@ -360,9 +368,6 @@ class Trainer:
             rt.barrier()
         if cfg.run.final_eval:
             self.final_eval()
-        if rt.is_main:
-            settle_kept_best(self.run_dir, self.kept_best)
-        return self.run_dir
 
     def final_eval(self) -> None:
         """Full report of the chosen checkpoint on the test split, in ``eval/``: evaluated once, here, when a

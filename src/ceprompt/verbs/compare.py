@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+
 from ..core.config import read_yaml
 from ..core.errors import ConfigError
 from ..core.io_utils import FORMULA_STARTS

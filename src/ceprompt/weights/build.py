@@ -200,10 +200,10 @@ def build_for_training(cfg: Config, class_names: Sequence[str]) -> BuiltModel:
         raise CheckpointError("stage 2 (cat) needs the stage-1 checkpoint: pass --init or set backbone.init")
     stage1 = read_checkpoint(cfg.backbone.init)
     _, init_meta, init_path = stage1
-    if cfg.backbone.path:
+    if cfg.backbone.path or cfg.backbone.arch:
         backbone = load_backbone(cfg.backbone)
         recorded = init_meta["backbone"].get("sha256")
-        if recorded and recorded != backbone.record["sha256"]:
+        if recorded and recorded != backbone.record.get("sha256"):
             raise CheckpointError(f"{init_path} was trained on another CLIP file ({init_meta['backbone'].get('path')}) "
                                   f"than backbone.path {cfg.backbone.path} (their SHA-256 differ); stage 2 must use "
                                   "the stage-1 backbone: leave backbone.path unset")
