@@ -87,3 +87,17 @@ def test_every_command_and_option_in_readme_exists() -> None:
         known = {s for a in sub._actions for s in a.option_strings}
         for option in re.findall(r"(?<![\w-])--[a-z][\w-]*", command):
             assert option in known, f"README's `ceprompt {words[0]}` shows {option}, which it does not take"
+
+
+def test_readme_demo_table_is_the_benchmark_results() -> None:
+    """One source for the demo's figures: the README table is written from benchmarks/results/demo.json."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("demo_benchmark", ROOT / "benchmarks" / "demo_benchmark.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    report = json.loads((ROOT / "benchmarks" / "results" / "demo.json").read_text())
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index(bench.TABLE_START) + len(bench.TABLE_START):readme.index(bench.TABLE_END)]
+    assert table.strip() == bench.readme_table(report).strip()
