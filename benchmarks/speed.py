@@ -47,6 +47,7 @@ from ceprompt.model.prompts import DEFAULT_TEMPLATE, class_prompts
 from ceprompt.model.towers import run_blocks, vision_embed, vision_project
 
 from bench_common import (
+    BUSY_NEIGHBOUR,
     CLASSES,
     PRECISIONS,
     ROOT,
@@ -343,7 +344,7 @@ def main() -> None:
     suffix = "-gpu" if args.gpu else "-busy" if args.busy else ""
     out_path = Path(args.out or ROOT / "benchmarks" / "results" / f"speed{suffix}.json")
     torch.manual_seed(0)
-    neighbour = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if args.busy else None
+    neighbour = subprocess.Popen(BUSY_NEIGHBOUR) if args.busy else None
     try:
         if neighbour:
             time.sleep(1.0)

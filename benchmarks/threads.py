@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_common import BUSY_NEIGHBOUR
+
 ROOT = Path(__file__).resolve().parents[1]
 PRETRAIN = """
 import sys, time
@@ -75,7 +77,7 @@ def main() -> None:
         for situation in ("idle", "one core busy"):
             neighbour = None
             if situation != "idle":
-                neighbour = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                neighbour = subprocess.Popen(BUSY_NEIGHBOUR)
                 time.sleep(1.0)
             try:
                 table: dict = {}
