@@ -258,7 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=arg(Range(0, 64, integer=True)), default=2,
                    help="processes for data generation and loading")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    _add_precision(p)
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="autocast precision; auto: fp32, the same computation on every CPU (the demo's small "
+                        "models gain little from bf16)")
     _add_threads(p)
     p.set_defaults(handler=commands.run_demo, precision="auto")
 
