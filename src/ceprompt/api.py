@@ -11,6 +11,7 @@ training crops (:mod:`ceprompt.data.faces`); ``detect="none"`` takes each image 
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import sys
@@ -24,6 +25,7 @@ import torch
 from PIL import Image
 
 from .core.errors import CepromptError, ConfigError
+from .data.class_names import ClassMatch, prompt_words, use_classes
 from .data.faces import (
     DEFAULT_EXPAND,
     DEFAULT_MIN_FACE,
@@ -81,9 +83,14 @@ class Recognizer:
 
     def __init__(self, loaded: LoadedModel, device: str = "auto", precision: str = "auto",
                  detector_threshold: float = 0.9, min_face_size: MinFace | str | int = DEFAULT_MIN_FACE,
-                 expand: float = DEFAULT_EXPAND) -> None:
+                 expand: float = DEFAULT_EXPAND, classes: Sequence[str] | None = None,
+                 class_aliases: Sequence[str] | None = None) -> None:
         """``min_face_size``: the smallest face searched for, in pixels (``20`` or ``"20px"``), as a share of
-        the image's shorter side (``"2%"``) or the larger of both (``"20px,2%"``, the default)."""
+        the image's shorter side (``"2%"``) or the larger of both (``"20px,2%"``, the default).
+
+        ``classes``: score exactly these classes, named as given (default: the trained ones). A name that
+        matches a trained class (by name or alias, ``class_aliases`` entries ``ALIAS=CLASS`` adding to the
+        built-in table) uses that class's trained prompt; any other is scored from its own words."""
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
         self.model = loaded.model.to(self.device).eval()
@@ -93,6 +100,10 @@ class Recognizer:
         self.preprocess = loaded.preprocess
         self.expand = expand
         self.temperature = float((self.meta.get("calibration") or {}).get("temperature", 1.0))
+        # Said with every result when the classes are not the trained ones (unseen names, no fitted temperature).
+        self.classes_note: str | None = None
+        self.class_match: ClassMatch | None = None
+
         # What a user must know about this model, e.g. "learned drawn faces only" for the demo's.
         self.notice: str | None = self.meta.get("notice") or None
         self._resize = self.preprocess.resize()
@@ -100,6 +111,31 @@ class Recognizer:
         self._detector_args = (detector_threshold, MinFace.parse(min_face_size, "min_face_size"))
         with torch.no_grad(), self._autocast():
             self.text_features = self.model.class_text_features().float()  # once, not per image
+        if classes is not None:
+            self._use_classes(classes, class_aliases)
+
+    def with_classes(self, classes: Sequence[str], class_aliases: Sequence[str] | None = None) -> "Recognizer":
+        """This recognizer scoring ``classes`` instead (the model and its detector are shared)."""
+        other = copy.copy(self)
+        other._use_classes(classes, class_aliases)
+        return other
+
+    def _use_classes(self, classes: Sequence[str], aliases: Sequence[str] | None) -> None:
+        trained, words = list(self.model.class_names), prompt_words(self.model)
+        match = use_classes(self.model, classes, aliases)
+        try:
+            with torch.no_grad(), self._autocast():
+                self.text_features = self.model.class_text_features().float()
+        finally:  # the model keeps its trained classes; this recognizer keeps the text features
+            self.model.use_classes(trained, words)
+        self.class_names, self.class_match = list(match.targets), match
+        self.temperature = float((self.meta.get("calibration") or {}).get("temperature", 1.0))
+        self.classes_note = None
+        unseen = [name for name, seen in zip(match.targets, match.seen) if not seen]
+        if unseen:
+            self.temperature = 1.0  # fitted for the trained classes only
+            self.classes_note = (f"classes {', '.join(unseen)} were not trained: scored from their own words, and "
+                                 "probabilities use no fitted temperature")
 
     def _autocast(self):
         from .engine.runtime import Runtime

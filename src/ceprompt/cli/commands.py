@@ -76,6 +76,9 @@ def run_eval(args: argparse.Namespace) -> int:
     zero_shot = None
     if args.zero_shot and args.checkpoint:
         raise ConfigError("--zero-shot evaluates the untrained CLIP and --checkpoint a trained model: give one of them")
+    if args.zero_shot and (args.classes or args.class_alias):
+        raise ConfigError("--classes and --class-alias are for a trained --checkpoint; --zero-shot scores the "
+                          "dataset's own classes")
     if args.zero_shot:
         overrides = list(args.set or []) + ([f"backbone.path={args.clip}"] if args.clip else [])
         config = args.config or _zero_shot_config(args.dataset)
@@ -89,7 +92,8 @@ def run_eval(args: argparse.Namespace) -> int:
              dataset=args.dataset, split=args.split, out=args.out, overwrite=args.overwrite,
              batch_size=args.batch_size, workers=args.workers, device=args.device, precision=args.precision,
              progress=not args.no_progress, allow_outside_root=args.allow_outside_root,
-             overrides=[] if args.zero_shot else list(args.set or []))
+             overrides=[] if args.zero_shot else list(args.set or []), classes=args.classes,
+             class_aliases=args.class_alias)
     return 0
 
 
@@ -128,9 +132,11 @@ def run_predict(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the model's notice is printed below, once, without a path
         rec = load(args.checkpoint, device=args.device, precision=args.precision,
-                   detector_threshold=args.threshold, min_face_size=args.min_face)
-    if rec.notice:
-        print(f"ceprompt predict: note: {rec.notice}", file=sys.stderr)
+                   detector_threshold=args.threshold, min_face_size=args.min_face, classes=args.classes,
+                   class_aliases=args.class_alias)
+    for note in (rec.notice, rec.classes_note):
+        if note:
+            print(f"ceprompt predict: note: {note}", file=sys.stderr)
     failed = run_predict(rec, plan, detect=args.detect, batch_size=args.batch_size, progress=not args.no_progress)
     if failed:
         print(f"ceprompt predict: {failed} file(s) failed; see the error column", file=sys.stderr)
@@ -243,5 +249,6 @@ def run_serve(args: argparse.Namespace) -> int:
           device=args.device, precision=args.precision, min_face=args.min_face,
           allow_origins=args.allow_origin or [], allow_hosts=args.allow_host or [],
           pixel_budget=int(args.pixels_in_flight * 1_000_000), max_connections=args.max_connections,
-          header_timeout=args.header_timeout, keep_alive=args.keep_alive)
+          header_timeout=args.header_timeout, keep_alive=args.keep_alive, classes=args.classes,
+          class_aliases=args.class_alias)
     return 0

@@ -53,6 +53,24 @@ def _add_pixel_limit(p: argparse.ArgumentParser) -> None:
                         f"(default {DEFAULT_MAX_PIXELS:,}, or $CEPROMPT_MAX_PIXELS)")
 
 
+def _class_list(text: str) -> list[str]:
+    from ..core.errors import ConfigError
+    from ..data.class_names import check_class_list
+
+    try:
+        return check_class_list([part for part in text.split(",")], "--classes")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--classes: ")) from None
+
+
+def _add_classes(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--classes", type=_class_list, metavar="A,B,C",
+                   help="score exactly these classes, named as given: trained ones (by name or alias) with their "
+                        "trained prompts, others from their own words (default: the model's classes)")
+    p.add_argument("--class-alias", action="append", metavar="ALIAS=CLASS",
+                   help="another name of a class, beside the built-in table (angry=anger, joy=happy, ...); repeatable")
+
+
 def _add_outside_root(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-outside-root", action="store_true",
                    help="accept index paths that are absolute or leave the dataset root through '..'")
@@ -151,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_outside_root(p)
     _add_pixel_limit(p)
     _add_runtime_args(p)
+    _add_classes(p)
     p.set_defaults(handler=commands.run_eval, device="auto", precision="auto", workers=4)
 
     p = verbs.add_parser("predict", help="expressions of every face in images, folders and videos")
@@ -172,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_pixel_limit(p)
     _add_runtime_args(p)
+    _add_classes(p)
     p.set_defaults(handler=commands.run_predict, device="auto", precision="auto")
 
     p = verbs.add_parser("export", help="export a trained model: an ONNX graph, or a folder for the Hugging Face Hub")
@@ -242,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_min_face(p)
     _add_pixel_limit(p)
     _add_threads(p)
+    _add_classes(p)
     p.set_defaults(handler=commands.run_serve, precision="auto")
 
     p = verbs.add_parser("demo", help="the whole method on generated faces and a small CLIP, on a CPU, in minutes "

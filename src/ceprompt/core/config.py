@@ -70,6 +70,11 @@ class DataConfig:
     skip_bad_images: bool = False  # decode every image first; leave unreadable ones out (listed in the run)
     allow_outside_root: bool = False  # accept index paths that are absolute or leave the root through ../
     cache_images: bool = False  # keep decoded images in memory (small datasets, many epochs)
+    class_aliases: list[str] | None = None  # extra class-name aliases, ALIAS=CLASS (e.g. joyful=happy), beside the
+    #   built-in table (angry=anger, happiness=happy, ...); used wherever classes are matched by name
+    base_classes: list[str] | None = None  # train on these classes only (base-to-novel); eval then reports base,
+    #   novel and their harmonic mean
+    shots: int = 0  # few-shot: train on this many images per class, drawn with run.seed (listed in the run); 0: all
     val_fraction: float = 0.0  # share of each class's training images held out to choose the best epoch and the
     #   temperature (the test split is then evaluated once); 0: both chosen on the test split, the paper's protocol
 
@@ -196,6 +201,9 @@ class Config:
             (self.data.resize in ("square", "shorter"), f"data.resize={brief(self.data.resize)}; expected square or shorter"),
             (self.data.interpolation in ("bicubic", "bilinear"),
              f"data.interpolation={brief(self.data.interpolation)}; expected bicubic or bilinear"),
+            (all(isinstance(e, str) and e.count("=") == 1 and all(part.strip() for part in e.split("="))
+                 for e in self.data.class_aliases or []),
+             f"data.class_aliases={brief(self.data.class_aliases)}; expected entries ALIAS=CLASS, e.g. joyful=happy"),
             (all(name in ("tensorboard", "wandb", "mlflow") for name in self.run.log_to),
              f"run.log_to={brief(self.run.log_to)}; expected a list of tensorboard, wandb and mlflow"),
             (self.cat.prompt_layout in ("ceprompt", "authors"),
@@ -217,6 +225,7 @@ RANGES: dict[str, Range] = {
     "data.std": Range(0, 10, lo_open=True),
     "data.workers": Range(0, 256, integer=True),
     "data.val_fraction": Range(0, 0.5),
+    "data.shots": Range(0, 1_000_000, integer=True),
     "head.top_k": POSITIVE_INT,
     "head.alpha": UNIT,
     "head.logit_scale": Range(0, 1000, lo_open=True),

@@ -27,7 +27,13 @@ from ..core.config import Config, dump_config, load_config
 from ..core.errors import ConfigError, DataError, TrainingError
 from ..core.io_utils import atomic_write
 from ..core.owned_dirs import MARKER, DirLock
-from ..data.datasets import FERDataset, Splits, default_augment, default_balanced, load_splits, validation_split
+from ..data.datasets import (
+    FERDataset,
+    Sample,
+    default_augment,
+    default_balanced,
+    validation_split,
+)
 from ..data.samplers import TrainSampler
 from ..data.transforms import test_transform, train_augment
 from ..model.eva import EVAModel
@@ -38,6 +44,7 @@ from ..weights.checkpoint import load_resume, read_checkpoint, save_checkpoint, 
 from .evaluate import eval_loader, evaluate, format_metrics, reraise_worker_error, unwrap, write_report
 from .metrics import fit_temperature
 from .reporting import Reporter
+from .run_data import load_data
 from .run_dir import (
     attach_log_file,
     check_free_space,
@@ -54,23 +61,6 @@ from .schedule import apply_lr, lr_at
 from .threads import ThreadGovernor
 
 log = logging.getLogger(__name__)
-
-
-def load_data(cfg: Config, rt: Runtime) -> Splits:
-    """Rank 0 checks every image; the others read the index once it has passed."""
-    d = cfg.data
-    error, splits = None, None
-    if rt.is_main:
-        try:
-            splits = load_splits(d.dataset, d.root or "", d.image_dir, d.classes, d.verify_images,
-                                 d.skip_bad_images, workers=max(d.workers, 4),
-                                 allow_outside_root=d.allow_outside_root)
-        except DataError as exc:
-            error = str(exc)
-    shared = rt.gather((error, splits))[0]
-    if shared[0]:
-        raise DataError(shared[0])
-    return shared[1]
 
 
 def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
@@ -183,6 +173,8 @@ class Trainer:
             self.reporter = Reporter(cfg, run_dir, self.selected_on, 0)
             if self.val_set is not None:
                 self._record_validation_split(resuming)
+            if cfg.data.shots:
+                self._record_list("train_images.txt", self.train_set.samples, resuming, "few-shot training images")
             log.info("%d training / %d test images, classes %s", len(self.train_set), len(self.test_set),
                      self.class_names)
             log.info("stage %s, %s trainable parameters, micro-batch %d x %d process(es) x %d accumulation, "
@@ -194,12 +186,16 @@ class Trainer:
             self._restore()
 
     def _record_validation_split(self, resuming: bool) -> None:
-        """The validation images, listed in the run; a resumed run must draw the same ones."""
-        listed = self.run_dir / "val_images.txt"
-        text = "".join(f"{s.path}\n" for s in self.val_set.samples)
+        self._record_list("val_images.txt", self.val_set.samples, resuming, "validation split")
+
+    def _record_list(self, name: str, samples: Sequence[Sample], resuming: bool, what: str) -> None:
+        """Images drawn for this run (label and path per line), listed in the run; a resumed run must draw the
+        same ones."""
+        listed = self.run_dir / name
+        text = "".join(f"{self.class_names[s.label]} {s.path}\n" for s in samples)
         if resuming and listed.is_file() and listed.read_text() != text:
-            raise ConfigError(f"{listed}: the validation split drawn now differs from the one this run trained with "
-                              "(the dataset or data.val_fraction changed)")
+            raise ConfigError(f"{listed}: the {what} drawn now differs from the one this run trained with "
+                              "(the dataset or the data settings changed)")
         with atomic_write(listed) as tmp:
             tmp.write_text(text)
 

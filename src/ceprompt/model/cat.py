@@ -49,6 +49,11 @@ class CATModel(nn.Module):
             layout=prompt_layout,
         )
 
+    def use_classes(self, class_names: Sequence[str], words: Sequence[str]) -> None:
+        """Score ``class_names`` from now on, each prompt built from its ``words`` with the learned context."""
+        self.prompt_learner.set_words(self.clip, class_names, words)
+        self.class_names = list(class_names)
+
     def class_text_features(self) -> torch.Tensor:
         """Class embeddings from the current prompts, L2-normalised: (C, D). Recompute after each step.
 

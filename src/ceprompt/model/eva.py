@@ -89,6 +89,13 @@ class EVAModel(nn.Module):
         self.register_buffer("text_features", F.normalize(raw, dim=-1), persistent=False)
         self.register_buffer("text_raw", raw, persistent=False)
 
+    def use_classes(self, class_names: Sequence[str], words: Sequence[str]) -> None:
+        """Score ``class_names`` from now on, each prompt the template around its ``words``."""
+        raw = fixed_prompt_features(self.clip, class_prompts(self.template, words), class_names)
+        self.text_raw = raw.to(self.text_raw.device)
+        self.text_features = F.normalize(self.text_raw, dim=-1)
+        self.class_names, self.prompt_names = list(class_names), list(words)
+
     @property
     def prompts(self) -> list[str]:
         return class_prompts(self.template, self.prompt_names)

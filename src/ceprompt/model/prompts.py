@@ -110,13 +110,11 @@ class PromptLearner(nn.Module):
             prefix = " ".join([PLACEHOLDER] * (1 + n_ctx))
         elif invariant_token:
             prefix = f"{PLACEHOLDER} {prefix}"
-        self.prompt_names = words
-        texts = [f"{prefix} {name.replace('_', ' ')}.".strip() for name in words]
-        token_ids = prompt_tokens(texts, class_names, clip.positional_embedding.shape[0], "cat.ctx_init")
-        self.register_buffer("token_ids", token_ids, persistent=False)
-        with torch.no_grad():
-            embeds = clip.token_embedding(token_ids.to(clip.token_embedding.weight.device)).float()
-        self.register_buffer("token_embeds", embeds, persistent=False)
+        self.prefix = prefix
+        self.register_buffer("token_ids", torch.zeros(0, dtype=torch.long), persistent=False)
+        self.register_buffer("token_embeds", torch.zeros(0), persistent=False)
+        self.set_words(clip, class_names, words)
+        embeds = self.token_embeds
         self.ctx_start = 1 + int(invariant_token)  # position 0 is the start-of-text token
 
         # where the deep text prompts go: the context slots, or (authors' layout) slots 1..n_ctx
@@ -135,6 +133,17 @@ class PromptLearner(nn.Module):
         self.deep_text = nn.ParameterList([nn.Parameter(torch.randn(n_ctx, text_width) * 0.02) for _ in range(n_deep)])
         self.vision_maps = nn.ModuleList([nn.Linear(text_width, vision_width) for _ in range(n_deep)])
         self.shallow_map = nn.Linear(text_width, vision_width) if vision_prompts == "append" and n_ctx else None
+
+    @torch.no_grad()
+    def set_words(self, clip: CLIP, class_names: Sequence[str], words: Sequence[str]) -> None:
+        """Build the prompts of ``class_names`` from ``words`` around the learned context (which stays as it is):
+        a trained model scores classes it never saw by their words."""
+        texts = [f"{self.prefix} {name.replace('_', ' ')}.".strip() for name in words]
+        token_ids = prompt_tokens(texts, class_names, clip.positional_embedding.shape[0], "cat.ctx_init")
+        device = clip.token_embedding.weight.device
+        self.token_ids = token_ids.to(device)
+        self.token_embeds = clip.token_embedding(self.token_ids).float()
+        self.class_names, self.prompt_names = list(class_names), list(words)
 
     @property
     def ctx_slots(self) -> slice:

@@ -10,6 +10,7 @@ What may reach the app at all is decided by :class:`~ceprompt.server.guard.Guard
 # UploadFile is imported inside create_app.
 import asyncio
 import base64
+import functools
 import io
 import logging
 import threading
@@ -17,12 +18,13 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from PIL import Image
 
 from ..api import Recognizer
 from ..core.errors import CepromptError
+from ..data.class_names import check_class_list
 from ..data.images import ImageError, image_size, max_pixels, open_image
 from ..verbs.drawing import explanation_image
 from .guard import Guard
@@ -42,6 +44,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_UPLOAD = 10_000_000
 LARGE_IMAGE = 4_000_000  # pixels: after such an upload, freed memory goes back to the system
 ALLOWED_TYPES = ("image/", "application/octet-stream")
+MAX_CLASSES, MAX_CLASSES_TEXT = 64, 2000  # ?classes= per request: each new list runs the text tower once
 STATIC = {"app.js": "text/javascript", "app.css": "text/css", "favicon.svg": "image/svg+xml"}
 
 
@@ -52,7 +55,7 @@ def _png_data_url(image: Image.Image) -> str:
 
 
 def create_app(rec: Recognizer, max_upload_bytes: int = DEFAULT_MAX_UPLOAD,  # type: ignore[no-untyped-def]
-               pixel_budget: int = DEFAULT_PIXEL_BUDGET):
+               pixel_budget: int = DEFAULT_PIXEL_BUDGET, class_aliases: Sequence[str] | None = None):
     """The FastAPI application (``pip install 'ceprompt[serve]'``); wrap it in :func:`guarded` to serve it.
     ``pixel_budget``: decoded pixels all requests may hold at once (:mod:`ceprompt.server.limits`)."""
     try:
@@ -79,15 +82,21 @@ def create_app(rec: Recognizer, max_upload_bytes: int = DEFAULT_MAX_UPLOAD,  # t
 
     budget = PixelBudget(pixel_budget)
 
-    def run_model(image: Image.Image, detect: str, explain: bool, scale: float) -> list[dict[str, Any]]:
+    @functools.lru_cache(maxsize=16)
+    def recognizer_for(classes: tuple[str, ...] | None) -> Recognizer:  # on the model thread: text tower runs
+        return rec if classes is None else rec.with_classes(classes, class_aliases)
+
+    def run_model(image: Image.Image, detect: str, explain: bool, scale: float,
+                  classes: tuple[str, ...] | None = None) -> tuple[Recognizer, list[dict[str, Any]]]:
         with lock:
+            r = recognizer_for(classes)
             if explain:
-                explanations = rec.explain(image, detect=detect)
+                explanations = r.explain(image, detect=detect)
                 faces = [{**e.face.to_dict(), "explanation_png": _png_data_url(explanation_image(e))}
                          for e in explanations]
             else:
-                faces = [face.to_dict() for face in rec.predict(image, detect=detect)]
-        return [_in_upload_pixels(face, scale) for face in faces]
+                faces = [face.to_dict() for face in r.predict(image, detect=detect)]
+        return r, [_in_upload_pixels(face, scale) for face in faces]
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -122,8 +131,19 @@ def create_app(rec: Recognizer, max_upload_bytes: int = DEFAULT_MAX_UPLOAD,  # t
         detect: str = Query("mtcnn", pattern="^(mtcnn|none)$",
                             description="mtcnn: find faces; none: the image is one face crop"),
         explain: bool = Query(False, description="add a heat map of the evidence per face (PNG data URL)"),
+        classes: str | None = Query(None, max_length=MAX_CLASSES_TEXT,
+                                    description="comma-separated class names to score instead of the model's "
+                                                "(names it was not trained for are scored from their words)"),
     ) -> dict[str, Any]:
         name = Path(file.filename or "upload").name
+        wanted = None
+        if classes is not None:
+            try:
+                wanted = tuple(check_class_list(classes.split(","), "classes"))
+            except CepromptError as exc:
+                raise HTTPException(422, str(exc)) from None
+            if len(wanted) > MAX_CLASSES:
+                raise HTTPException(422, f"classes: {len(wanted)} names; at most {MAX_CLASSES}")
         if file.content_type and not file.content_type.startswith(ALLOWED_TYPES):
             raise HTTPException(415, f"{name}: {file.content_type} is not an image")
         data = await file.read(max_upload_bytes + 1)
@@ -145,8 +165,8 @@ def create_app(rec: Recognizer, max_upload_bytes: int = DEFAULT_MAX_UPLOAD,  # t
             budget.give(held - image.width * image.height)  # what waits for the model is the scaled copy
             held = image.width * image.height
             try:
-                faces = await asyncio.get_running_loop().run_in_executor(model_thread, run_model, image, detect,
-                                                                         explain, scale)
+                used, faces = await asyncio.get_running_loop().run_in_executor(model_thread, run_model, image,
+                                                                               detect, explain, scale, wanted)
             except CepromptError as exc:
                 raise HTTPException(422, f"{name}: {exc}") from None
         finally:
@@ -155,9 +175,11 @@ def create_app(rec: Recognizer, max_upload_bytes: int = DEFAULT_MAX_UPLOAD,  # t
             if width * height > LARGE_IMAGE:
                 await asyncio.to_thread(release_memory)
         response: dict[str, Any] = {"filename": name, "width": width, "height": height,
-                                    "classes": rec.class_names, "faces": faces}
+                                    "classes": used.class_names, "faces": faces}
         if rec.notice:
             response["notice"] = rec.notice
+        if used.classes_note:
+            response["classes_note"] = used.classes_note
         return response
 
     return app
@@ -213,7 +235,8 @@ def serve(checkpoint: str | None, host: str = "127.0.0.1", port: int = 8000, max
           device: str = "auto", allow_origins: list[str] | tuple[str, ...] = (),
           allow_hosts: list[str] | tuple[str, ...] = (), precision: str = "auto", min_face: Any = None,
           pixel_budget: int = DEFAULT_PIXEL_BUDGET, max_connections: int = DEFAULT_MAX_CONNECTIONS,
-          header_timeout: float = DEFAULT_HEADER_TIMEOUT, keep_alive: float = DEFAULT_KEEP_ALIVE) -> None:
+          header_timeout: float = DEFAULT_HEADER_TIMEOUT, keep_alive: float = DEFAULT_KEEP_ALIVE,
+          classes: Sequence[str] | None = None, class_aliases: Sequence[str] | None = None) -> None:
     try:
         import uvicorn
     except ImportError:
@@ -223,8 +246,10 @@ def serve(checkpoint: str | None, host: str = "127.0.0.1", port: int = 8000, max
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the model's notice is logged below, once
         options = {} if min_face is None else {"min_face_size": min_face}
-        rec = load(resolve_checkpoint(checkpoint), device=device, precision=precision, **options)
-    app = guarded(create_app(rec, max_upload_bytes, pixel_budget), host, max_upload_bytes, allow_origins, allow_hosts)
+        rec = load(resolve_checkpoint(checkpoint), device=device, precision=precision, classes=classes,
+                   class_aliases=class_aliases, **options)
+    app = guarded(create_app(rec, max_upload_bytes, pixel_budget, class_aliases), host, max_upload_bytes,
+                  allow_origins, allow_hosts)
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s: anyone who can reach this machine can use the model", host)
     if rec.notice:

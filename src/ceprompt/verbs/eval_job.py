@@ -8,13 +8,16 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..core.config import Config
-from ..core.errors import CheckpointError, ConfigError
+from ..core.errors import ConfigError
 from ..core.paths import output_dir, removed_on_failure
 from ..core.ranges import POSITIVE_INT, check
-from ..data.datasets import FERDataset, load_splits
+from ..data.class_names import canonical, parse_aliases, use_classes
+from ..data.datasets import FERDataset, Sample, load_splits
+from ..data.protocols import relabel_for
 from ..data.transforms import test_transform
 from ..engine.evaluate import evaluate, format_metrics, write_report
 from ..engine.runtime import Runtime, setup_runtime, teardown_runtime
+from ..engine.transfer import transfer_metrics
 from ..weights.build import build_zero_shot, load_trained, preprocess_from_config
 
 log = logging.getLogger(__name__)
@@ -39,6 +42,8 @@ def run_eval(
     progress: bool = True,
     allow_outside_root: bool = False,
     overrides: Sequence[str] = (),
+    classes: Sequence[str] | None = None,
+    class_aliases: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Evaluate and write metrics.json, predictions.csv, confusion_matrix.{csv,png}; returns the metrics."""
     if (checkpoint is None) == (zero_shot_config is None):
@@ -49,14 +54,15 @@ def run_eval(
     try:
         with removed_on_failure(out_path):
             return _evaluate(rt, out_path, overwrite, data_root, checkpoint, zero_shot_config, dataset, split,
-                             batch_size, workers, progress, allow_outside_root, overrides)
+                             batch_size, workers, progress, allow_outside_root, overrides, classes, class_aliases)
     finally:
         teardown_runtime(rt)
 
 
 def _evaluate(rt: Runtime, out_path: Path, overwrite: bool, data_root: str | Path, checkpoint: str | Path | None,
               zero_shot_config: Config | None, dataset: str | None, split: str, batch_size: int, workers: int,
-              progress: bool, allow_outside_root: bool, overrides: Sequence[str]) -> dict[str, Any]:
+              progress: bool, allow_outside_root: bool, overrides: Sequence[str], classes: Sequence[str] | None,
+              class_aliases: Sequence[str] | None) -> dict[str, Any]:
     # the output folder is checked before any model or data is loaded
     out_dir = output_dir(out_path, "--out", must_be_empty=True, overwrite=overwrite) if rt.is_main else None
     if checkpoint is not None:
@@ -76,20 +82,54 @@ def _evaluate(rt: Runtime, out_path: Path, overwrite: bool, data_root: str | Pat
         class_names = splits.class_names
         built = build_zero_shot(cfg, class_names)
         model, pre = built.model, preprocess_from_config(cfg, built.spec)
-    if list(splits.class_names) != list(class_names):
-        raise CheckpointError(f"{checkpoint}: trained for classes {class_names} but {dataset} at {data_root} "
-                              f"has {splits.class_names}")
     samples = splits.test if split == "test" else splits.train
+    transfer: dict[str, Any] = {}
+    if checkpoint is not None:
+        recorded = ((loaded.meta.get("config") or {}).get("data") or {}).get("class_aliases")
+        samples, class_names, transfer = _match_classes(model, samples, splits.class_names, classes,
+                                                        class_aliases if class_aliases is not None else recorded)
     if not samples:
         raise ConfigError(f"{dataset} at {data_root}: the {split} split is empty")
     data = FERDataset(samples, pre.resize(), test_transform(pre))
     model = model.to(rt.device)
     metrics, scores = evaluate(model, data, class_names, rt, batch_size, workers, progress)
+    if transfer.get("unseen_classes") or transfer.get("mapped"):
+        metrics.update(transfer_metrics(scores, data.labels, transfer["seen"]))
     if rt.is_main:
-        extra = {**source, "dataset": dataset, "data_root": str(data_root), "split": split}
+        extra = {**source, "dataset": dataset, "data_root": str(data_root), "split": split, **transfer}
         write_report(out_dir, data, class_names, scores, metrics, extra=extra)
         log.info("%s %s: %s", dataset, split, format_metrics(metrics))
+        for line in transfer.get("class_mapping", []) if transfer.get("mapped") else []:
+            log.info("  class %s", line)
+        if "base_to_novel" in metrics:
+            b2n = metrics["base_to_novel"]
+            log.info("base-to-novel: base %s, novel %s, H %s", *(f"{v:.4f}" if v is not None else "-" for v in
+                                                                 (b2n["base"], b2n["novel"], b2n["h"])))
         log.info("report written to %s", out_dir)
         metrics["out_dir"] = str(out_dir)
     return metrics
 
+
+def _match_classes(model: Any, samples: list[Sample], dataset_classes: list[str], classes: Sequence[str] | None,
+                   aliases: Sequence[str] | None) -> tuple[list[Sample], list[str], dict[str, Any]]:
+    """Score the dataset's classes (or ``--classes``) with a trained model: classes it was trained for (by name or
+    alias) with their trained prompts, the others from their words. Returns the relabelled samples, the target
+    classes and what the report says about the matching."""
+    trained = list(model.class_names)
+    extra = parse_aliases(aliases)
+    if classes is None:
+        same = sorted(canonical(c, extra) for c in dataset_classes) == sorted(canonical(c, extra) for c in trained)
+        classes = [next(d for d in dataset_classes if canonical(d, extra) == canonical(t, extra)) for t in trained] \
+            if same else list(dataset_classes)
+    match = use_classes(model, classes, aliases, where="--classes")
+    kept, left_out = relabel_for(samples, dataset_classes, match.targets, aliases)
+    if left_out:
+        log.info("classes not among the scored ones, their images left out: %s", ", ".join(left_out))
+    mapping = match.describe(trained)
+    mapped = not match.identical or len(match.targets) != len(trained) or bool(left_out)
+    return kept, list(match.targets), {
+        "trained_classes": trained, "class_mapping": mapping, "seen": match.seen, "mapped": mapped,
+        "unseen_classes": [t for t, s in zip(match.targets, match.seen) if not s], "left_out_classes": left_out,
+        "classes": [{"name": t, "seen": s, "trained_as": trained[i] if i is not None else None}
+                    for t, s, i in zip(match.targets, match.seen, match.trained)],
+    }
