@@ -99,7 +99,7 @@ class Recognizer:
         self.class_names = loaded.class_names
         self.preprocess = loaded.preprocess
         self.expand = expand
-        self.temperature = float((self.meta.get("calibration") or {}).get("temperature", 1.0))
+        self.temperature = self._fitted_temperature()
         # Said with every result when the classes are not the trained ones (unseen names, no fitted temperature).
         self.classes_note: str | None = None
         self.class_match: ClassMatch | None = None
@@ -120,6 +120,9 @@ class Recognizer:
         other._use_classes(classes, class_aliases)
         return other
 
+    def _fitted_temperature(self) -> float:
+        return float((self.meta.get("calibration") or {}).get("temperature", 1.0))
+
     def _use_classes(self, classes: Sequence[str], aliases: Sequence[str] | None) -> None:
         trained, words = list(self.model.class_names), prompt_words(self.model)
         match = use_classes(self.model, classes, aliases)
@@ -127,9 +130,10 @@ class Recognizer:
             with torch.no_grad(), self._autocast():
                 self.text_features = self.model.class_text_features().float()
         finally:  # the model keeps its trained classes; this recognizer keeps the text features
-            self.model.use_classes(trained, words)
+            if list(self.model.class_names) != trained:
+                self.model.use_classes(trained, words)
         self.class_names, self.class_match = list(match.targets), match
-        self.temperature = float((self.meta.get("calibration") or {}).get("temperature", 1.0))
+        self.temperature = self._fitted_temperature()
         self.classes_note = None
         unseen = [name for name, seen in zip(match.targets, match.seen) if not seen]
         if unseen:

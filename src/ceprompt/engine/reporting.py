@@ -120,8 +120,7 @@ OPENERS = {"tensorboard": _TensorBoard, "wandb": _Wandb, "mlflow": _MLflow}
 def installed_trackers() -> dict[str, bool]:
     import importlib.util
 
-    modules = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
-    return {name: importlib.util.find_spec(module) is not None for name, module in modules.items()}
+    return {name: importlib.util.find_spec(name) is not None for name in TRACKERS}  # each imports as it is named
 
 
 def open_trackers(names: Sequence[str], run_dir: Path, cfg: Config) -> list[Any]:

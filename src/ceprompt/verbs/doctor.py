@@ -130,23 +130,15 @@ def _huggingface_check(folder: Path) -> tuple[str, float] | None:
 
 def run_doctor(arch: str = "tiny-vit") -> int:
     """Print the report; exit status 1 if any format failed to round-trip."""
-    print("versions:")
-    for name, value in _versions():
-        print(f"  {name:16s} {value}")
-    print("optional extras:")
-    for name, value in _extras():
-        print(f"  {name:16s} {value}")
-    print("experiment trackers (run.log_to):")
     from ..engine.reporting import INSTALL, installed_trackers
 
-    for name, found in installed_trackers().items():
-        print(f"  {name:16s} {'installed' if found else 'not installed: ' + INSTALL[name]}")
-    print("cpu:")
-    for name, value in _cpu():
-        print(f"  {name:16s} {value}")
-    print("devices:")
-    for name, value in _devices():
-        print(f"  {name:16s} {value}")
+    trackers = [(name, "installed" if found else f"not installed: {INSTALL[name]}")
+                for name, found in installed_trackers().items()]
+    for title, rows in (("versions", _versions()), ("optional extras", _extras()),
+                        ("experiment trackers (run.log_to)", trackers), ("cpu", _cpu()), ("devices", _devices())):
+        print(f"{title}:")
+        for name, value in rows:
+            print(f"  {name:16s} {value}")
     spec = get_arch(arch)
     reference = build_clip(spec, seed=0)
     images = torch.randn(4, 3, spec.image_size, spec.image_size, generator=torch.Generator().manual_seed(1))
