@@ -189,9 +189,12 @@ def plot_f1(result: dict[str, Any], path: Path) -> Path:
     width = 0.8 / max(len(rows), 1)
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(classes) * max(1, len(rows)) ** 0.5), 4))
     x = np.arange(len(classes))
-    for i, row in enumerate(rows):
+    short = [Path(row["name"]).name for row in rows]
+    labels = short if len(set(short)) == len(short) else [row["name"] for row in rows]  # folder names when unique
+    for i, (row, label) in enumerate(zip(rows, labels)):
+        errors = [row["f1"][c]["std"] for c in classes] if row["runs"] > 1 else None
         ax.bar(x + (i - (len(rows) - 1) / 2) * width, [row["f1"][c]["mean"] for c in classes], width,
-               yerr=[row["f1"][c]["std"] for c in classes], label=row["name"], capsize=2)
+               yerr=errors, label=label, capsize=2)
     ax.set_xticks(x, classes, rotation=30, ha="right")
     ax.set_ylabel("F1")
     ax.set_ylim(0, 1)
