@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import statistics
@@ -25,8 +26,10 @@ IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
 def recognizer(model: torch.nn.Module, arch: str, device: str, precision: str) -> Recognizer:
+    """A recognizer on a copy of ``model`` (a recognizer owns its model and may store its weights in bf16)."""
     pre = preprocess_for(get_arch(arch).image_size, *IMAGENET)
-    return Recognizer(LoadedModel(model, {}, Path("random"), pre, CLASSES), device=device, precision=precision)
+    return Recognizer(LoadedModel(copy.deepcopy(model), {}, Path("random"), pre, CLASSES), device=device,
+                      precision=precision)
 
 
 def astronaut() -> Image.Image:

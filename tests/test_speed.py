@@ -19,6 +19,7 @@ from ceprompt.data.faces import FaceDetector, MinFace
 from ceprompt.engine import runtime
 from ceprompt.model.clip import build_clip
 from ceprompt.model.towers import block_forward, run_blocks
+from ceprompt.weights.build import load_trained
 
 from helpers import precision_agreement, train_tiny_runs
 
@@ -83,6 +84,26 @@ def test_bf16_agrees_with_fp32_on_a_trained_tiny_model(runs) -> None:
     for stage in ("s1", "s2"):
         same, worst = precision_agreement(runs[stage], images)
         assert same >= 0.99 and worst <= 0.02, (stage, same, worst)
+
+
+def test_bf16_recognizer_stores_block_weights_with_autocasts_results(runs) -> None:
+    """Weights kept in bf16 save autocast's per-call conversion and change no number: the same probabilities as
+    autocast over the fp32 weights, which the training path keeps."""
+    from helpers import class_image
+
+    images = [class_image(label, 7, seed=2000 + label, size=64) for label in range(7)]
+    for stage in ("s1", "s2"):
+        rec = ceprompt.load(runs[stage], device="cpu", precision="bf16")
+        blocks = rec.model.clip.visual.transformer.resblocks
+        assert blocks[0].attn.in_proj_weight.dtype == blocks[-1].mlp.c_fc.weight.dtype == torch.bfloat16
+        assert blocks[0].ln_1.weight.dtype == rec.model.clip.visual.proj.dtype == torch.float32
+        fp32_weights = load_trained(runs[stage]).model.eval()
+        batch = rec.preprocess.batch_tensor([rec._resize(image) for image in images])
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            want = fp32_weights(batch, text_features=rec.text_features).logits.float()
+            got = rec.model(batch, text_features=rec.text_features).logits.float()
+        assert torch.equal(got, want), stage
+    assert ceprompt.load(runs["s2"], device="cpu", precision="fp32").model.clip.visual.proj.dtype == torch.float32
 
 
 def test_block_pass_equals_open_clips_block(monkeypatch) -> None:

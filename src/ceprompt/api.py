@@ -37,8 +37,9 @@ from .data.faces import (
     whole_image_face,
 )
 from .data.images import open_image
-from .engine.runtime import resolve_device, resolve_precision
+from .engine.runtime import DTYPES, resolve_device, resolve_precision
 from .model.head import ScoreOutput, patch_class_similarity
+from .model.towers import store_block_matrices
 from .weights.build import LoadedModel, load_trained
 
 ImageInput = str | os.PathLike | Image.Image | np.ndarray
@@ -79,7 +80,8 @@ class Explanation:
 
 
 class Recognizer:
-    """A trained CEPrompt model with its preprocessing, ready for images."""
+    """A trained CEPrompt model with its preprocessing, ready for images. It owns ``loaded.model``: under bf16
+    or fp16 the vision blocks' weights are kept in that dtype (give each recognizer its own model)."""
 
     def __init__(self, loaded: LoadedModel, device: str = "auto", precision: str = "auto",
                  detector_threshold: float = 0.9, min_face_size: MinFace | str | int = DEFAULT_MIN_FACE,
@@ -94,6 +96,8 @@ class Recognizer:
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
         self.model = loaded.model.to(self.device).eval()
+        if self.precision != "fp32":  # the recognizer owns its model: blocks keep the autocast dtype's weights
+            store_block_matrices(self.model.clip.visual.transformer.resblocks, DTYPES[self.precision])
         self.meta = loaded.meta
         self.checkpoint = loaded.path
         self.class_names = loaded.class_names

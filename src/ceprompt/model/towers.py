@@ -141,3 +141,22 @@ def text_encode_embeddings(
     eot = x[torch.arange(x.shape[0], device=x.device), eot_index]
     projection = clip.text_projection
     return projection(eot) if isinstance(projection, nn.Linear) else eot @ projection
+
+
+def store_block_matrices(blocks: Sequence[nn.Module], dtype: torch.dtype) -> None:
+    """Keep the matrices and biases of ``blocks``' linear layers (attention projections, MLP) in ``dtype``, in
+    place, for inference under autocast to that dtype; layer norms stay fp32.
+
+    Autocast converts an fp32 weight at every call and keeps the copy only for weights that require grad, so a
+    frozen model paid the conversion of every block's weights per forward: 14% of a ViT-B/16 image at batch 1
+    under bf16 on CPU. The products are the same either way (autocast rounds the weights to ``dtype`` too), but
+    the blocks then expect autocast: without it their matrices no longer match fp32 inputs."""
+    with torch.no_grad():
+        for block in blocks:
+            for module in block.modules():
+                if isinstance(module, nn.Linear):
+                    module.to(dtype)
+                elif isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
+                    module.in_proj_weight.data = module.in_proj_weight.data.to(dtype)
+                    if module.in_proj_bias is not None:
+                        module.in_proj_bias.data = module.in_proj_bias.data.to(dtype)
