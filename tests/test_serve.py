@@ -137,6 +137,7 @@ def test_page_in_headless_chromium(server: str, images: dict[str, bytes], tmp_pa
     photo = tmp_path / "astronaut.png"
     photo.write_bytes(images["astronaut.png"])
     expected = post(server, "astronaut.png", images["astronaut.png"]).json()["faces"]
+    info_class = httpx.get(server + "/api/info").json()["classes"][0]
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 900})
@@ -155,6 +156,14 @@ def test_page_in_headless_chromium(server: str, images: dict[str, bytes], tmp_pa
         page.check("#explain")
         page.wait_for_selector("img.explanation", timeout=60_000)
         assert page.locator("img.explanation").count() == len(expected)
+        # naming classes re-sends the photo: one bar per named class, and the page says which were not trained
+        named = post(server, "astronaut.png", images["astronaut.png"], classes=f"{info_class},bored").json()
+        page.fill("#classes", f" {info_class}, bored ")
+        page.press("#classes", "Enter")
+        sync_api.expect(page.locator(".face .bar")).to_have_count(2 * len(expected), timeout=60_000)
+        rows = page.locator(".face").first.locator(".row span:first-child").all_inner_texts()
+        assert sorted(rows) == sorted([info_class, "bored"])
+        assert named["classes_note"] in page.locator("#status").inner_text()
         browser.close()
     assert Image.open(shot).size[0] == 1280
     if os.environ.get("CEPROMPT_SCREENSHOT_DIR"):  # keep the screenshot for a person to look at

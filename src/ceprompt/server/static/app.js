@@ -2,7 +2,7 @@
 // Everything that comes from the model (class names, labels) is inserted with textContent, never as HTML.
 "use strict";
 const COLORS = ["#e6194b", "#3cb44b", "#e6b400", "#0082c8", "#f58231", "#911eb4", "#2ab7b7", "#f032e6"];
-let classes = [];
+let classes = [];  // those of the last answer: the model's, or the names typed in the classes field
 const $ = (id) => document.getElementById(id);
 
 function el(tag, className, text) {
@@ -85,15 +85,19 @@ async function send(file) {
   img.src = url;
   const form = new FormData();
   form.append("file", file);
-  const query = `?detect=${encodeURIComponent($("detect").value)}&explain=${$("explain").checked}`;
+  let query = `?detect=${encodeURIComponent($("detect").value)}&explain=${$("explain").checked}`;
+  const named = $("classes").value.split(",").map((name) => name.trim()).filter((name) => name);
+  if (named.length) query += `&classes=${encodeURIComponent(named.join(","))}`;
   try {
     const response = await fetch("/api/predict" + query, { method: "POST", body: form });
     const body = await response.json();
     if (!response.ok) { setStatus(body.detail || `error ${response.status}`, true); return; }
     await img.decode();
+    classes = body.classes;
     drawImage(img, body.faces);
     showFaces(body.faces);
-    setStatus(`${body.faces.length} face${body.faces.length === 1 ? "" : "s"} in ${file.name} (${body.width}×${body.height})`);
+    const note = body.classes_note ? ` · ${body.classes_note}` : "";
+    setStatus(`${body.faces.length} face${body.faces.length === 1 ? "" : "s"} in ${file.name} (${body.width}×${body.height})${note}`);
   } catch (e) { setStatus(`request failed: ${e}`, true); }
   finally { URL.revokeObjectURL(url); }
 }
@@ -103,7 +107,7 @@ $("file-input").addEventListener("change", (e) => {
   if (e.target.files.length) { lastFile = e.target.files[0]; send(lastFile); }
   e.target.value = "";  // choosing the same file again must work too
 });
-for (const id of ["explain", "detect"]) $(id).addEventListener("change", () => { if (lastFile) send(lastFile); });
+for (const id of ["explain", "detect", "classes"]) $(id).addEventListener("change", () => { if (lastFile) send(lastFile); });
 const drop = $("drop");
 drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
 drop.addEventListener("dragleave", () => drop.classList.remove("over"));
