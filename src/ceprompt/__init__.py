@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 
 def load(checkpoint, device: str = "auto", precision: str = "auto", **kwargs):  # type: ignore[no-untyped-def]
