@@ -58,21 +58,31 @@ def write_folder_dataset(root: Path, classes: list[str], n_train: int = 3, n_tes
     return root
 
 
+def set_args(values: list[str]) -> list[str]:
+    """``--set`` before each value, as the command line takes config overrides."""
+    return [arg for value in values for arg in ("--set", value)]
+
+
+def quick_train_sets(data: Path, output_dir: Path, name: str, *extra: str, epochs: int = 1) -> list[str]:
+    """``--set`` arguments for a training of seconds on generated data in ``output_dir/name``. The backbone is
+    left to ``extra`` (a stage-2 run takes its stage 1's); ``extra`` values come last, so they win."""
+    return set_args([f"data.root={data}", "data.workers=0", f"optim.epochs={epochs}", "optim.batch_size=7",
+                     "optim.warmup_epochs=0", f"run.output_dir={output_dir}", f"run.name={name}", "run.device=cpu",
+                     "run.progress=false", "head.top_k=4", *extra])
+
+
 def train_tiny_runs(root: Path, n_train: int = 2, epochs: int = 1, threads: int = 0) -> dict[str, Path]:
     """A stage-1 and a stage-2 run of the tiny CLIP on generated RAF-DB-layout data (seconds on a CPU).
     ``threads``: fixed, for the same weights whatever the machine's load (0: chosen from the load)."""
     from ceprompt.cli import main
 
     data = write_three_file_dataset(root / "RAF-DB", "rafdb", n_train=n_train, n_test=1)
-    common = ["backbone.arch=tiny-vit", f"data.root={data}", "data.workers=0", f"optim.epochs={epochs}",
-              "optim.batch_size=7", "optim.warmup_epochs=0", f"run.output_dir={root}", "run.device=cpu",
-              "run.progress=false", "head.top_k=4", "cat.prompt_depth=3", f"run.threads={threads}"]
+    def sets(name: str) -> list[str]:
+        return quick_train_sets(data, root, name, "backbone.arch=tiny-vit", "cat.prompt_depth=3",
+                                f"run.threads={threads}", epochs=epochs)
 
-    def sets(extra: list[str]) -> list[str]:
-        return [a for s in common + extra for a in ("--set", s)]
-
-    assert main(["train", "--config", "rafdb_stage1", *sets(["run.name=s1"])]) == 0
-    assert main(["train", "--config", "rafdb_stage2", "--init", str(root / "s1"), *sets(["run.name=s2"])]) == 0
+    assert main(["train", "--config", "rafdb_stage1", *sets("s1")]) == 0
+    assert main(["train", "--config", "rafdb_stage2", "--init", str(root / "s1"), *sets("s2")]) == 0
     return {"s1": root / "s1", "s2": root / "s2", "data": data}
 
 

@@ -14,7 +14,13 @@ import ceprompt
 from ceprompt.cli import main
 from ceprompt.data.datasets import RAFDB_CLASSES
 
-from helpers import class_image, train_tiny_runs, write_folder_dataset, write_three_file_dataset
+from helpers import (
+    class_image,
+    quick_train_sets,
+    train_tiny_runs,
+    write_folder_dataset,
+    write_three_file_dataset,
+)
 
 ALIASED = {"surprise": "surprised", "fear": "scared", "disgust": "disgusted", "happy": "happiness", "sad": "sadness",
            "anger": "angry", "neutral": "neutral"}
@@ -108,10 +114,9 @@ def test_the_api_takes_classes_per_request(runs, tmp_path: Path) -> None:
 
 def test_base_to_novel_reports_base_novel_and_h(tmp_path: Path) -> None:
     data = write_three_file_dataset(tmp_path / "RAF-DB", "rafdb", n_train=3, n_test=2)
-    sets = ["backbone.arch=tiny-vit", f"data.root={data}", "data.workers=0", "optim.epochs=1", "optim.batch_size=6",
-            "optim.warmup_epochs=0", f"run.output_dir={tmp_path}", "run.name=b2n", "run.device=cpu",
-            "run.progress=false", "head.top_k=4", "run.log_to=[]", "data.base_classes=[surprise, fear, happy]"]
-    assert main(["train", "--config", "rafdb_stage1", *[a for s in sets for a in ("--set", s)]]) == 0
+    sets = quick_train_sets(data, tmp_path, "b2n", "backbone.arch=tiny-vit", "optim.batch_size=6", "run.log_to=[]",
+                            "data.base_classes=[surprise, fear, happy]")
+    assert main(["train", "--config", "rafdb_stage1", *sets]) == 0
     meta = json.loads((tmp_path / "b2n" / "checkpoints" / "best.json").read_text())
     assert meta["class_names"] == ["surprise", "fear", "happy"]
     assert main(["eval", "--checkpoint", str(tmp_path / "b2n"), "--data", str(data), "--out", str(tmp_path / "ev"),
@@ -132,11 +137,9 @@ def test_shots_train_on_exactly_k_per_class_and_the_list_reproduces(tmp_path: Pa
     data = write_three_file_dataset(tmp_path / "RAF-DB", "rafdb", n_train=4, n_test=1)
 
     def run(name: str) -> list[str]:
-        sets = ["backbone.arch=tiny-vit", f"data.root={data}", "data.workers=0", "optim.epochs=1",
-                "optim.batch_size=7", "optim.warmup_epochs=0", f"run.output_dir={tmp_path}", f"run.name={name}",
-                "run.device=cpu", "run.progress=false", "head.top_k=4", "run.log_to=[]", "data.shots=2",
-                "run.seed=3"]
-        assert main(["train", "--config", "rafdb_stage1", *[a for s in sets for a in ("--set", s)]]) == 0
+        sets = quick_train_sets(data, tmp_path, name, "backbone.arch=tiny-vit", "run.log_to=[]", "data.shots=2",
+                                "run.seed=3")
+        assert main(["train", "--config", "rafdb_stage1", *sets]) == 0
         return (tmp_path / name / "train_images.txt").read_text().splitlines()
 
     first = run("k2")

@@ -16,7 +16,7 @@ from PIL import Image
 import ceprompt
 from ceprompt.cli import main
 
-from helpers import write_three_file_dataset
+from helpers import quick_train_sets, write_three_file_dataset
 
 HERE = Path(__file__).resolve()
 
@@ -27,10 +27,7 @@ def data(tmp_path_factory) -> Path:
 
 
 def sets(root: Path, data: Path, name: str, *extra: str) -> list[str]:
-    values = [f"data.root={data}", "data.workers=0", "optim.epochs=1", "optim.batch_size=7", "optim.warmup_epochs=0",
-              f"run.output_dir={root}", f"run.name={name}", "run.device=cpu", "run.progress=false", "head.top_k=4",
-              "cat.prompt_depth=3", *extra]
-    return [a for v in values for a in ("--set", v)]
+    return quick_train_sets(data, root, name, "cat.prompt_depth=3", *extra)
 
 
 @pytest.fixture(scope="module")

@@ -23,16 +23,14 @@ from ceprompt.core.errors import CheckpointError, ConfigError, DataError
 from ceprompt.data.three_files import Problems, read_index, read_pairs
 from ceprompt.weights.checkpoint import read_checkpoint
 
-from helpers import write_three_file_dataset
+from helpers import quick_train_sets, write_three_file_dataset
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 def tiny_args(tmp_path: Path, data: Path, name: str, *extra: str) -> list[str]:
-    sets = ["backbone.arch=tiny-vit", f"data.root={data}", "data.workers=0", "optim.epochs=2",
-            "optim.batch_size=7", "optim.warmup_epochs=0", f"run.output_dir={tmp_path / 'runs'}", f"run.name={name}",
-            "run.device=cpu", "run.progress=false", "head.top_k=4", "cat.prompt_depth=3", *extra]
-    return ["--config", "rafdb_stage1", *[a for s in sets for a in ("--set", s)]]
+    return ["--config", "rafdb_stage1", *quick_train_sets(data, tmp_path / "runs", name, "backbone.arch=tiny-vit",
+                                                          "cat.prompt_depth=3", *extra, epochs=2)]
 
 
 @pytest.fixture(scope="module")

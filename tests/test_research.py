@@ -18,7 +18,7 @@ import ceprompt
 import ceprompt.engine.train as train_module
 from ceprompt.cli import main
 
-from helpers import class_image, write_three_file_dataset
+from helpers import class_image, quick_train_sets, write_three_file_dataset
 
 
 @pytest.fixture(scope="module")
@@ -27,10 +27,7 @@ def data(tmp_path_factory) -> Path:
 
 
 def sets(root: Path, name: str, data: Path, *extra: str) -> list[str]:
-    values = [f"data.root={data}", "data.workers=0", "optim.epochs=2", "optim.batch_size=7", "optim.warmup_epochs=0",
-              f"run.output_dir={root}", f"run.name={name}", "run.device=cpu", "run.progress=false", "head.top_k=4",
-              "backbone.arch=tiny-vit", "run.log_to=[]", *extra]
-    return [a for v in values for a in ("--set", v)]
+    return quick_train_sets(data, root, name, "backbone.arch=tiny-vit", "run.log_to=[]", *extra, epochs=2)
 
 
 def summary(run: Path) -> list[dict[str, str]]:

@@ -15,17 +15,12 @@ from safetensors.torch import load_file
 
 from ceprompt.cli import main
 
-from helpers import write_folder_dataset, write_three_file_dataset
+from helpers import quick_train_sets, write_folder_dataset, write_three_file_dataset
 
 
 def tiny(tmp_path: Path, data: Path, name: str, *extra: str, dataset: str = "rafdb") -> list[str]:
-    sets = [
-        "backbone.arch=tiny-vit", f"data.dataset={dataset}", f"data.root={data}", "data.workers=0",
-        "optim.epochs=2", "optim.batch_size=8", "optim.warmup_epochs=0.5", f"run.output_dir={tmp_path / 'runs'}",
-        f"run.name={name}", "run.device=cpu", "run.progress=false", "head.top_k=4", "cat.prompt_depth=3",
-        *extra,
-    ]
-    return [arg for s in sets for arg in ("--set", s)]
+    return quick_train_sets(data, tmp_path / "runs", name, "backbone.arch=tiny-vit", f"data.dataset={dataset}",
+                            "optim.batch_size=8", "optim.warmup_epochs=0.5", "cat.prompt_depth=3", *extra, epochs=2)
 
 
 @pytest.fixture(scope="module")
