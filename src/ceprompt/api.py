@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from .core.errors import CepromptError, ConfigError
+from .core.schema import read_json
 from .data.class_names import ClassMatch, prompt_words, use_classes
 from .data.faces import (
     DEFAULT_EXPAND,
@@ -311,7 +312,7 @@ def train(config: str | os.PathLike | None = None, resume: str | os.PathLike | N
                                                     for key, value in overrides.items())])
     run_dir = Path(run(cfg, resume=resume, overwrite=overwrite))
     metrics_file = run_dir / "eval" / "metrics.json"
-    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
+    metrics = read_json(metrics_file.read_bytes(), str(metrics_file)) if metrics_file.is_file() else None
     return RunResult(run_dir, cfg.stage, run_dir / "checkpoints" / "best.safetensors", metrics)
 
 

@@ -8,7 +8,6 @@ evaluator as real data; the configs are ``configs/demo_stage{1,2}.yaml``.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ import torch
 from ..core.config import load_config
 from ..core.owned_dirs import OwnedDir
 from ..core.ranges import Range, check
+from ..core.schema import read_json
 from ..engine.runtime import resolve_precision
 from ..engine.threads import set_threads
 from ..engine.train import train
@@ -155,5 +155,6 @@ def _threads_used(runs: list[Path], fallback: int) -> str:
 
 
 def _metrics(run: Path) -> dict[str, float]:
-    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    where = run / "eval" / "metrics.json"
+    metrics = read_json(where.read_bytes(), str(where))
     return {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]}
