@@ -415,6 +415,17 @@ def parse_override(text: str) -> dict[str, Any]:
     return nested
 
 
+def dotted(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A config as written (nested mappings) as ``section.key`` -> value, the names ``--set`` takes."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(dotted(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Config:
     """Defaults, then the YAML file (if any), then each ``KEY=VALUE`` override in order."""
     cfg = Config()

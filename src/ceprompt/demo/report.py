@@ -10,13 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
-import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from ..engine.plots import plot_curves  # noqa: E402
+from ..engine.significance import mean_std  # noqa: E402
 
 
 def representative_examples(rows: list[dict[str, str]], per_class: int, seed: int = 0) -> list[list[dict[str, str]]]:
@@ -96,9 +96,7 @@ def seed_row(step: str, values: list[dict[str, float]]) -> dict[str, Any]:
     """Mean and (sample) standard deviation over seeds; std is 0 for a single value."""
     row: dict[str, Any] = {"step": step}
     for key in ("accuracy", "macro_f1"):
-        xs = np.array([v[key] for v in values], dtype=np.float64)
-        row[key] = float(xs.mean())
-        row[f"{key}_std"] = float(xs.std(ddof=1)) if len(xs) > 1 else 0.0
+        row[key], row[f"{key}_std"] = mean_std([v[key] for v in values])
     return row
 
 

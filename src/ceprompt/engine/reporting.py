@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 from tqdm import tqdm
 
-from ..core.config import Config
+from ..core.config import Config, dotted
 from .evaluate import format_metrics
 from .run_dir import append_summary
 
@@ -29,13 +29,8 @@ INSTALL = {"tensorboard": "pip install 'ceprompt[tensorboard]'", "wandb": "pip i
 
 def flat_config(cfg: Config) -> dict[str, Any]:
     """The config as ``section.key`` -> value, lists as text (what trackers take as hyper-parameters)."""
-    out: dict[str, Any] = {}
-    for section, values in cfg.to_dict().items():
-        items = values.items() if isinstance(values, dict) else [("", values)]
-        for key, value in items:
-            name = f"{section}.{key}" if key else section
-            out[name] = value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
-    return out
+    return {name: value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
+            for name, value in dotted(cfg.to_dict()).items()}
 
 
 class _TensorBoard:

@@ -9,6 +9,12 @@ from typing import Sequence
 import numpy as np
 
 
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof 1) of runs over seeds; the deviation of a single run is 0."""
+    xs = np.asarray(values, dtype=np.float64)
+    return float(xs.mean()), float(xs.std(ddof=1)) if len(xs) > 1 else 0.0
+
+
 def mcnemar(a_right: Sequence[bool], b_right: Sequence[bool]) -> dict[str, float]:
     """McNemar's test of two classifiers on the same items: only the items where exactly one is right count.
     ``b`` items A got right and B wrong, ``c`` the other way. Exact two-sided binomial p-value (B(b + c, 1/2))

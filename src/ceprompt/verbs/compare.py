@@ -18,11 +18,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..core.config import read_yaml
+from ..core.config import dotted, read_yaml
 from ..core.errors import ConfigError
 from ..core.io_utils import FORMULA_STARTS
 from ..core.schema import SchemaError, read_json
-from ..engine.significance import bootstrap_difference, mcnemar
+from ..engine.significance import bootstrap_difference, mcnemar, mean_std
 
 # Settings that name places or this machine, not the model: never a difference worth listing.
 NOT_SETTINGS = ("run.name", "run.output_dir", "run.threads", "run.progress", "run.seed", "backbone.init",
@@ -38,12 +38,6 @@ class Evaluated:
     truth: dict[str, str] = field(default_factory=dict)
 
 
-def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(data, dict):
-        return {k: v for key, value in data.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
-    return {prefix[:-1]: data}
-
-
 def _unquoted(cell: str) -> str:
     """A cell as written before the CSV's spreadsheet guard put a ``'`` before it."""
     return cell[1:] if cell.startswith("'") and cell[1:2] and cell[1] in "".join(FORMULA_STARTS) else cell
@@ -54,7 +48,7 @@ def _read_eval(folder: Path, name: str, config: dict[str, Any]) -> Evaluated:
         metrics = read_json((folder / "metrics.json").read_bytes(), str(folder / "metrics.json"))
     except (OSError, SchemaError) as exc:
         raise ConfigError(f"{folder}: no readable metrics.json ({exc})") from None
-    result = Evaluated(name, metrics, _flat(config))
+    result = Evaluated(name, metrics, dotted(config))
     predictions = folder / "predictions.csv"
     if predictions.is_file():
         with open(predictions, newline="", encoding="utf-8", errors="surrogateescape") as fh:
@@ -122,8 +116,8 @@ def compare(paths: Sequence[str | Path]) -> dict[str, Any]:
 
 def _row(group: list[Evaluated]) -> dict[str, Any]:
     def stat(values: list[float]) -> dict[str, float]:
-        xs = np.asarray(values, dtype=np.float64)
-        return {"mean": float(xs.mean()), "std": float(xs.std(ddof=1)) if len(xs) > 1 else 0.0}
+        return dict(zip(("mean", "std"), mean_std(values)))
+
     classes = group[0].metrics.get("class_names", [])
     name = group[0].name if len(group) == 1 else f"{group[0].name} (+{len(group) - 1} seeds)"
     return {
