@@ -18,16 +18,12 @@ from ..api import Recognizer
 from ..core.errors import CepromptError
 from ..core.io_utils import atomic_write
 from ..data.images import IMAGE_SUFFIXES
+from .predict import expand_inputs
 
 
 def image_files(inputs: Sequence[str]) -> list[Path]:
-    files: list[Path] = []
-    for raw in inputs:
-        path = Path(raw).expanduser()
-        if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        else:
-            files.append(path)
+    """The files given and the images in the folders given (as predict finds them, videos aside)."""
+    files = expand_inputs(inputs, IMAGE_SUFFIXES)
     if not files:
         raise CepromptError(f"no images in {list(inputs)}")
     return files

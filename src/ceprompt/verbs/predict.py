@@ -33,13 +33,15 @@ VIDEO_CODECS = {".webm": "libvpx"}
 DEFAULT_VIDEO_CODEC = "mpeg4"
 
 
-def expand_inputs(paths: Sequence[str]) -> list[Path]:
-    """Files as given (any suffix: unsupported ones become error rows) and folders, recursively."""
+def expand_inputs(paths: Sequence[str], suffixes: frozenset[str] = IMAGE_SUFFIXES | VIDEO_SUFFIXES
+                  ) -> list[Path]:
+    """Files as given (any suffix: unsupported ones become error rows) and, searched recursively, the files of
+    folders that have one of ``suffixes``."""
     out: list[Path] = []
     for raw in paths:
         p = Path(raw).expanduser()
         if p.is_dir():
-            out.extend(sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES))
+            out.extend(sorted(f for f in p.rglob("*") if f.suffix.lower() in suffixes))
         else:
             out.append(p)
     return out
