@@ -20,11 +20,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from ceprompt.core.config import load_config
 from ceprompt.demo.faces import write_rafdb_dataset
 from ceprompt.demo.pretrain import cached_clip, demo_clip_path
 from ceprompt.demo.run import FULL, QUICK
 from ceprompt.engine.train import train
+from ceprompt.experiment.config import load_config
 
 
 def main() -> None:

@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ceprompt.engine.runtime import auto_precision
+from ceprompt.core.runtime import auto_precision
 from ceprompt.model.clip import build_clip, tokenize
 from ceprompt.model.eva import EVAModel
 from ceprompt.model.head import emotion_scores

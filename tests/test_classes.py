@@ -75,7 +75,7 @@ def test_classes_change_the_columns_of_predict_and_the_api(runs, tmp_path: Path,
     out = tmp_path / "p.csv"
     assert main(["predict", str(runs["s1"]), str(face), "--detect", "none", "-o", str(out), "--no-progress",
                  "--classes", "joy,sadness,calm"]) == 0
-    assert "calm were not trained" in capsys.readouterr().err
+    assert "class calm was not trained: scored from its own words" in capsys.readouterr().err
     with open(out, newline="") as fh:
         header = next(csv.reader(fh))
     assert [h for h in header if h.startswith("prob_")] == ["prob_joy", "prob_sadness", "prob_calm"]

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ceprompt.core.config import CONFIG_DIR, Config, config_from_dict, dump_config, load_config
 from ceprompt.core.errors import ConfigError
+from ceprompt.experiment.config import CONFIG_DIR, Config, config_from_dict, dump_config, load_config
 
 PAPER_CONFIGS = sorted(p for p in CONFIG_DIR.glob("*.yaml") if not p.stem.startswith("demo_"))
 
@@ -76,9 +76,11 @@ def test_bad_overrides(override: str, message: str) -> None:
 
 
 def test_every_numeric_field_has_a_range() -> None:
-    from ceprompt.core.config import RANGES, _numeric_fields
+    from ceprompt.core.config import field_range, numeric_fields
 
-    assert {name for name, _ in _numeric_fields(Config())} == set(RANGES)
+    fields = numeric_fields(Config())
+    assert len(fields) > 20
+    assert [name for name, f in fields if field_range(f) is None] == []
 
 
 def test_bad_yaml_names_file_and_line(tmp_path: Path) -> None:
@@ -97,3 +99,33 @@ def test_defaults_are_paper_stage1() -> None:
     cfg = Config()
     assert cfg.eva.template == "a photo of a {} facial expression, a type of facial expression."
     assert cfg.data.mean == [0.485, 0.456, 0.406]
+
+
+def test_typed_values_are_coerced_and_checked_as_yaml_values_are() -> None:
+    """Python callers pass values (a sweep's numpy numbers, paths), never text to re-parse."""
+    import numpy as np
+
+    cfg = load_config("rafdb_stage1", values={"optim.epochs": np.int64(8), "optim.lr": np.float32(2.5e-4),
+                                              "run.deterministic": np.bool_(True), "data.root": Path("a: b"),
+                                              "eva.template": "null {}", "data.mean": (0.5, 0.5, 0.5)})
+    assert type(cfg.optim.epochs) is int and cfg.optim.epochs == 8 and cfg.run.deterministic is True
+    assert cfg.data.root == "a: b" and cfg.eva.template == "null {}" and cfg.data.mean == [0.5, 0.5, 0.5]
+    assert abs(cfg.optim.lr - 2.5e-4) < 1e-9
+    for values, message in [({"optim.epochs": 2.5}, "optim.epochs: expected an integer, got 2.5"),
+                            ({"optim.epochs": True}, "optim.epochs: expected an integer"),
+                            ({"optim.lr": np.float64("nan")}, "optim.lr=nan; expected a number in (0, 1]"),
+                            ({"optim.speed": 1}, "unknown key 'optim.speed'"),
+                            ({"optim..lr": 1}, "malformed key"),
+                            ({"run.name": "m\nx: 1"}, "run.name='m\\nx: 1': expected a plain folder name")]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config("rafdb_stage1", values=values)
+
+
+def test_a_single_override_string_is_one_override_and_yaml_keys_are_given_once(tmp_path: Path) -> None:
+    assert load_config("rafdb_stage1", "optim.epochs=7").optim.epochs == 7
+    path = tmp_path / "twice.yaml"
+    path.write_text("optim:\n  lr: 1.0e-4\n  epochs: 3\n  lr: 2.0e-4\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml:4: key 'lr' is given twice in one mapping \(first on line 2\)"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="cannot hold a NUL character"):
+        load_config("x\0.yaml")

@@ -125,7 +125,7 @@ def test_augmentation_follows_the_draw_not_the_loader_process(tmp_path: Path) ->
         out = []
         for epoch in range(2):
             sampler.set_epoch(epoch)
-            out += [images for images, *_ in loader]
+            out += [batch["image"] for batch in loader]
         return out
     alone, helped = epochs(0), epochs(2)
     assert all(torch.equal(a, b) for a, b in zip(alone, helped)) and len(alone) == 6

@@ -150,7 +150,7 @@ def test_clip_names_resolve_offline_from_the_cache(hub, tmp_path: Path) -> None:
     assert meta["backbone"]["name"] == "ViT-B-16:openai"
     assert "models--timm--vit_base_patch16_clip_224.openai/snapshots" in meta["backbone"]["path"]
     # an hf-hub: open_clip repo records its activation (GELU here) in open_clip_config.json
-    code = ("import sys, torch; from ceprompt.weights.build import load_backbone; from ceprompt.core.config import "
+    code = ("import sys, torch; from ceprompt.weights.build import load_backbone; from ceprompt.experiment.config import "
             "BackboneConfig; b = load_backbone(BackboneConfig(path=sys.argv[1])); print(b.spec.quick_gelu); "
             "torch.save(b.clip.state_dict(), sys.argv[2])")
     out = subprocess.run([sys.executable, "-c", code, "hf-hub:lab/tiny-gelu-clip", str(tmp_path / "sd.pt")], env=env,

@@ -8,13 +8,27 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ceprompt.model.cat import CATModel
+from ceprompt.model.cat import CAT, CatConfig
 from ceprompt.model.clip import build_clip, tokenize
-from ceprompt.model.eva import EVAModel
+from ceprompt.model.eva import EVA, EvaConfig
 from ceprompt.model.head import HeadConfig, emotion_scores
+from ceprompt.model.stage import BuildOptions, ClassWords, TrainBatch
 from ceprompt.model.towers import vision_embed
 
 CLASSES = ["surprise", "fear", "disgust", "happy", "sad", "anger", "neutral"]
+
+
+def EVAModel(clip, classes, training: bool = True, **settings) -> EVA:  # noqa: N802 - the stage, as tests build it
+    """Stage 1 with its teacher (as training builds it) and ``settings`` of its config section."""
+    section = EvaConfig(**settings)
+    section.fill_compat(authors=False)
+    return EVA.build(clip, section, HeadConfig(), ClassWords.of(classes), BuildOptions(training=training))
+
+
+def CATModel(clip, classes, **settings) -> CAT:  # noqa: N802
+    section = CatConfig(**settings)
+    section.fill_compat(authors=False)
+    return CAT.build(clip, section, HeadConfig(), ClassWords.of(classes))
 
 
 @pytest.fixture()
@@ -77,7 +91,7 @@ def test_stage1_untrained_equals_open_clip(clip) -> None:
     images, _ = batch(clip)
     prompts = [f"a photo of a {c} facial expression, a type of facial expression." for c in CLASSES]
     with torch.no_grad():
-        assert rel_err(model.text_features, F.normalize(reference.encode_text(tokenize(prompts)), dim=-1)) < 1e-5
+        assert rel_err(model.class_text_features(), F.normalize(reference.encode_text(tokenize(prompts)), dim=-1)) < 1e-5
         out = model(images)
         assert rel_err(out.global_emb, reference.encode_image(images)) < 1e-5
         assert rel_err(model._teacher_global(model._lower(images)), reference.encode_image(images)) < 1e-5
@@ -193,7 +207,7 @@ def test_text_deep_prompts_fill_context_slots(clip) -> None:
     with torch.no_grad():
         model.class_text_features()
     assert pl.ctx_slots == slice(2, 4)
-    emb = pl.text_embeddings()
+    emb = pl.text_embeddings(pl.token_embeds)
     assert torch.equal(emb[:, 1], pl.invariant.expand(len(CLASSES), -1))
     assert torch.equal(emb[:, 2:4], pl.ctx.unsqueeze(0).expand(len(CLASSES), -1, -1))
     for j in (1, 2):
@@ -239,21 +253,22 @@ def test_bf16_autocast_forward_backward(clip, stage: int) -> None:
 
 def test_teacher_cache_reuses_embeddings_of_repeated_views(clip) -> None:
     model = EVAModel(clip, CLASSES, fix_layer=2).eval()
-    model.enable_teacher_cache(20)
+    model.start_training(10)
     images, labels = batch(clip)
-    views = torch.tensor([4, 7, -1])  # two repeatable views, one that is not (random affine)
+    # two repeatable views (sample 2 as it is, sample 3 flipped: keys 4 and 7), one that is not (random affine)
+    index, flip = torch.tensor([2, 3, 0]), torch.tensor([0, 1, -1])
     calls: list[int] = []
     original = model._teacher_global
     model._teacher_global = lambda x: calls.append(len(x)) or original(x)
     with torch.no_grad():
-        first = model(images, labels, views=views)
-        second = model(images, labels, views=views)
+        first = model(TrainBatch(images, labels, index, flip))
+        second = model(TrainBatch(images, labels, index, flip))
         uncached = model(images, labels)
     assert calls == [3, 1, 3]  # the second pass only runs the teacher for the unrepeatable view
-    assert model.teacher_known.nonzero().flatten().tolist() == [4, 7]
+    assert model.cache.known.nonzero().flatten().tolist() == [4, 7]
     assert torch.allclose(first.loss, second.loss) and torch.allclose(first.loss, uncached.loss)
-    state = model.teacher_cache_state()
+    state = model.extra_state()
     fresh = EVAModel(build_clip("tiny-vit", seed=0), CLASSES, fix_layer=2)
-    fresh.enable_teacher_cache(20)
-    fresh.load_teacher_cache_state(state)
-    assert torch.equal(fresh.teacher_cache, model.teacher_cache)
+    fresh.start_training(10)
+    fresh.load_extra_state(state)
+    assert torch.equal(fresh.cache.values, model.cache.values)

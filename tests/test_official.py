@@ -17,8 +17,8 @@ from PIL import Image
 
 import ceprompt
 from ceprompt.cli import main
-from ceprompt.core.config import AUTHORS_PROMPT_NAMES
 from ceprompt.core.errors import CheckpointError
+from ceprompt.experiment.config import AUTHORS_PROMPT_NAMES
 from ceprompt.model.clip import build_clip, get_arch, tokenize
 from ceprompt.weights.build import load_trained
 from ceprompt.weights.clip_files import save_clip_safetensors

@@ -58,11 +58,11 @@ def test_the_declared_license_file_ships() -> None:
 
 
 def test_readme_configuration_reference_is_generated_from_the_config() -> None:
-    from ceprompt.core.config_reference import END, START, markdown
+    from ceprompt.experiment.reference import END, START, markdown
 
     readme = (ROOT / "README.md").read_text()
     table = readme.partition(START)[2].partition(END)[0].strip()
-    assert table == markdown().strip(), "run: python -m ceprompt.core.config_reference README.md"
+    assert table == markdown().strip(), "run: python -m ceprompt.experiment.reference README.md"
     for key in ("run.precision", "head.top_k", "cat.vision_prompts", "optim.grad_clip"):
         assert f"| `{key}` |" in table
 

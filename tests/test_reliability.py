@@ -18,9 +18,10 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from ceprompt.cli import main
-from ceprompt.core.config import load_config, parse_override
+from ceprompt.core.config import parse_override
 from ceprompt.core.errors import CheckpointError, ConfigError, DataError
 from ceprompt.data.three_files import Problems, read_index, read_pairs
+from ceprompt.experiment.config import load_config
 from ceprompt.weights.checkpoint import read_checkpoint
 
 from helpers import quick_train_sets, write_three_file_dataset
@@ -143,7 +144,7 @@ def test_config_overrides_on_arbitrary_text(text: str) -> None:
 def test_config_values_of_any_type(tmp_path: Path, section: str, value) -> None:
     import yaml
 
-    from ceprompt.core.config import Config
+    from ceprompt.experiment.config import Config
 
     for key in getattr(Config(), section).__dict__:
         path = tmp_path / "c.yaml"

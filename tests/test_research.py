@@ -177,3 +177,16 @@ def test_training_from_python_is_the_command_line_run(tmp_path: Path, data: Path
     assert result.metrics == json.loads((tmp_path / "api" / "eval" / "metrics.json").read_text())
     recorded = yaml.safe_load((tmp_path / "api" / "config.yaml").read_text())
     assert recorded["optim"]["epochs"] == 1 and recorded["run"]["log_to"] == []
+
+
+def test_training_from_python_takes_values_not_text(tmp_path: Path, data: Path) -> None:
+    """A sweep's numpy values, a single `sets` string: values as they are, never re-parsed as YAML."""
+    result = ceprompt.train("rafdb_stage1", sets="optim.warmup_epochs=0", data__root=data, backbone__arch="tiny-vit",
+                            data__workers=np.int64(0), optim__epochs=np.int64(1), optim__batch_size=np.int32(7),
+                            run__output_dir=tmp_path, run__name="np", run__device="cpu", run__progress=False,
+                            head__top_k=np.int64(4), run__log_to=[], run__final_eval=False)
+    recorded = yaml.safe_load((result.run_dir / "config.yaml").read_text())
+    assert recorded["optim"]["epochs"] == 1 and recorded["optim"]["warmup_epochs"] == 0.0
+    with pytest.raises(ceprompt.core.errors.ConfigError, match="expected a plain folder name"):
+        ceprompt.train("rafdb_stage1", data__root=data, run__name="m\nx: 1", run__output_dir=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["np"]

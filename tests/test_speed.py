@@ -13,10 +13,10 @@ from PIL import Image
 import ceprompt
 import ceprompt.engine.threads as threads
 from ceprompt.cli import DEFAULT_MIN_FACE, main
+from ceprompt.core import runtime
 from ceprompt.core.errors import ConfigError
 from ceprompt.data.faces import DEFAULT_MIN_FACE as MIN_FACE_OBJECT
 from ceprompt.data.faces import FaceDetector, MinFace
-from ceprompt.engine import runtime
 from ceprompt.model.clip import build_clip
 from ceprompt.model.towers import block_forward, run_blocks
 from ceprompt.weights.build import load_trained

@@ -12,9 +12,9 @@ training crops (:mod:`ceprompt.data.faces`); ``detect="none"`` takes each image 
 from __future__ import annotations
 
 import copy
-import json
 import os
 import sys
+import threading
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,8 +25,9 @@ import torch
 from PIL import Image
 
 from .core.errors import CepromptError, ConfigError
+from .core.runtime import DTYPES, autocast, resolve_device, resolve_precision
 from .core.schema import read_json
-from .data.class_names import ClassMatch, prompt_words, use_classes
+from .data.class_names import ClassMatch, match_classes
 from .data.faces import (
     DEFAULT_EXPAND,
     DEFAULT_MIN_FACE,
@@ -38,7 +39,6 @@ from .data.faces import (
     whole_image_face,
 )
 from .data.images import open_image
-from .engine.runtime import DTYPES, resolve_device, resolve_precision
 from .model.head import ScoreOutput, patch_class_similarity
 from .model.towers import store_block_matrices
 from .weights.build import LoadedModel, load_trained
@@ -81,8 +81,12 @@ class Explanation:
 
 
 class Recognizer:
-    """A trained CEPrompt model with its preprocessing, ready for images. It owns ``loaded.model``: under bf16
-    or fp16 the vision blocks' weights are kept in that dtype (give each recognizer its own model)."""
+    """A trained CEPrompt model with its preprocessing, ready for images.
+
+    A recognizer is safe to share between threads: nothing is written to its model after loading, and
+    :meth:`with_classes` returns a new recognizer (sharing the model's weights and the face detector) with its own
+    class names and class text embeddings. It owns ``loaded.model``: under bf16 or fp16 the vision blocks' weights
+    are kept in that dtype (give each recognizer of another precision its own model)."""
 
     def __init__(self, loaded: LoadedModel, device: str = "auto", precision: str = "auto",
                  detector_threshold: float = 0.9, min_face_size: MinFace | str | int = DEFAULT_MIN_FACE,
@@ -101,62 +105,62 @@ class Recognizer:
             store_block_matrices(self.model.clip.visual.transformer.resblocks, DTYPES[self.precision])
         self.meta = loaded.meta
         self.checkpoint = loaded.path
-        self.class_names = loaded.class_names
         self.preprocess = loaded.preprocess
         self.expand = expand
-        self.temperature = self._fitted_temperature()
-        # Said with every result when the classes are not the trained ones (unseen names, no fitted temperature).
-        self.classes_note: str | None = None
-        self.class_match: ClassMatch | None = None
-
         # What a user must know about this model, e.g. "learned drawn faces only" for the demo's.
         self.notice: str | None = self.meta.get("notice") or None
         self._resize = self.preprocess.resize()
-        self._detector: FaceDetector | None = None
         self._detector_args = (detector_threshold, MinFace.parse(min_face_size, "min_face_size"))
-        with torch.no_grad(), self._autocast():
-            self.text_features = self.model.class_text_features().float()  # once, not per image
+        self._shared = _SharedDetector()
+        self.class_names = list(loaded.class_names)
+        self.class_match: ClassMatch | None = None
+        # Said with every result when the classes are not the trained ones (unseen names, no fitted temperature).
+        self.classes_note: str | None = None
+        self.temperature = self._fitted_temperature()
         if classes is not None:
-            self._use_classes(classes, class_aliases)
+            self._set_classes(classes, class_aliases)
+        else:
+            self.text_features = self._text_features(self.model.classes.words)  # once, not per image
 
     def with_classes(self, classes: Sequence[str], class_aliases: Sequence[str] | None = None) -> "Recognizer":
-        """This recognizer scoring ``classes`` instead (the model and its detector are shared)."""
+        """This recognizer scoring ``classes`` instead: a new recognizer sharing the model and the face detector;
+        this one is left as it is."""
         other = copy.copy(self)
-        other._use_classes(classes, class_aliases)
+        other._set_classes(classes, class_aliases)
         return other
 
     def _fitted_temperature(self) -> float:
         return float((self.meta.get("calibration") or {}).get("temperature", 1.0))
 
-    def _use_classes(self, classes: Sequence[str], aliases: Sequence[str] | None) -> None:
-        trained, words = list(self.model.class_names), prompt_words(self.model)
-        match = use_classes(self.model, classes, aliases)
-        try:
-            with torch.no_grad(), self._autocast():
-                self.text_features = self.model.class_text_features().float()
-        finally:  # the model keeps its trained classes; this recognizer keeps the text features
-            if list(self.model.class_names) != trained:
-                self.model.use_classes(trained, words)
+    @torch.no_grad()
+    def _text_features(self, words: Sequence[str]) -> torch.Tensor:
+        with self._autocast():
+            return self.model.text_features(words).float()
+
+    def _set_classes(self, classes: Sequence[str], aliases: Sequence[str] | None) -> None:
+        """Only for a recognizer not yet shared (being constructed or copied): its own classes and their text."""
+        classes_of = self.model.classes
+        match = match_classes(classes, classes_of.names, classes_of.words, aliases)
+        self.text_features = self._text_features(match.words)
         self.class_names, self.class_match = list(match.targets), match
         self.temperature = self._fitted_temperature()
         self.classes_note = None
         unseen = [name for name, seen in zip(match.targets, match.seen) if not seen]
         if unseen:
             self.temperature = 1.0  # fitted for the trained classes only
-            self.classes_note = (f"classes {', '.join(unseen)} were not trained: scored from their own words, and "
-                                 "probabilities use no fitted temperature")
+            listed = ", ".join(unseen)
+            self.classes_note = (f"{'classes' if len(unseen) > 1 else 'class'} {listed} "
+                                 f"{'were' if len(unseen) > 1 else 'was'} not trained: scored from "
+                                 f"{'their' if len(unseen) > 1 else 'its'} own words, and probabilities use no "
+                                 "fitted temperature")
 
-    def _autocast(self):
-        from .engine.runtime import Runtime
-
-        return Runtime(self.device, self.precision).autocast()
+    def _autocast(self):  # type: ignore[no-untyped-def]
+        return autocast(self.device, self.precision)
 
     @property
     def detector(self) -> FaceDetector:
-        if self._detector is None:
-            threshold, min_size = self._detector_args
-            self._detector = FaceDetector(str(self.device), min_face=min_size, threshold=threshold)
-        return self._detector
+        return self._shared.get(lambda: FaceDetector(str(self.device), min_face=self._detector_args[1],
+                                                     threshold=self._detector_args[0]))
 
     def find_faces(self, image: Image.Image, detect: str = "mtcnn") -> list[tuple[DetectedFace, Image.Image]]:
         """Detected faces with their model-ready crops (empty when no face is found)."""
@@ -298,26 +302,34 @@ class RunResult:
 
 
 def train(config: str | os.PathLike | None = None, resume: str | os.PathLike | None = None, overwrite: bool = False,
-          sets: Sequence[str] = (), **overrides: Any) -> RunResult:
+          sets: Sequence[str] | str = (), **overrides: Any) -> RunResult:
     """Train either stage from Python, exactly as ``ceprompt train`` does (the same code).
 
     ``config``: a YAML file or a shipped name (``"rafdb_stage1"``); ``resume``: a run directory to continue.
     Overrides are keyword arguments with ``__`` for the dot, ``ceprompt.train("rafdb_stage1",
-    data__root="data/RAF-DB", optim__epochs=10)``, or ``sets=["optim.epochs=10"]`` as on the command line.
+    data__root="data/RAF-DB", optim__epochs=10)``: Python values (numpy numbers and paths too), checked as a
+    config file's are and never parsed from text; or ``sets=["optim.epochs=10"]``, text as on the command line.
     """
     from .engine.train import train as run
     from .engine.train import training_config
 
-    cfg = training_config(config, resume, [*sets, *(f"{key.replace('__', '.')}={_as_yaml(value)}"
-                                                    for key, value in overrides.items())])
+    values = {key.replace("__", "."): value for key, value in overrides.items()}
+    cfg = training_config(config, resume, [sets] if isinstance(sets, str) else list(sets), values)
     run_dir = Path(run(cfg, resume=resume, overwrite=overwrite))
     metrics_file = run_dir / "eval" / "metrics.json"
     metrics = read_json(metrics_file.read_bytes(), str(metrics_file)) if metrics_file.is_file() else None
     return RunResult(run_dir, cfg.stage, run_dir / "checkpoints" / "best.safetensors", metrics)
 
 
-def _as_yaml(value: Any) -> str:
-    """A Python value written as ``--set`` reads it (YAML): strings stay text, even ``"1"`` or ``"null"``."""
-    if isinstance(value, os.PathLike):
-        value = os.fspath(value)
-    return json.dumps(value)
+class _SharedDetector:
+    """The face detector of a recognizer and the recognizers made from it, created once, on first use."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._detector: FaceDetector | None = None
+
+    def get(self, make: Any) -> FaceDetector:
+        with self._lock:
+            if self._detector is None:
+                self._detector = make()
+            return self._detector

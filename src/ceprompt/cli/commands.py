@@ -25,26 +25,21 @@ def run_doctor(args: argparse.Namespace) -> int:
     return run_doctor(args.arch)
 
 
-def _train_config(args: argparse.Namespace):
+# Command-line shortcuts of `train` and the config keys they set (typed values, never re-parsed as text).
+TRAIN_SHORTCUTS = {"clip": "backbone.path", "init": "backbone.init", "data": "data.root", "device": "run.device",
+                   "precision": "run.precision", "seed": "run.seed", "output_dir": "run.output_dir", "name": "run.name",
+                   "workers": "data.workers", "threads": "run.threads"}
+TRAIN_SWITCHES = {"deterministic": ("run.deterministic", True), "skip_bad_images": ("data.skip_bad_images", True),
+                  "no_progress": ("run.progress", False), "allow_outside_root": ("data.allow_outside_root", True)}
+
+
+def _train_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from ..engine.train import training_config
 
-    overrides = list(args.set or [])
-    shortcuts = {"clip": "backbone.path", "init": "backbone.init", "data": "data.root", "device": "run.device",
-                 "precision": "run.precision", "seed": "run.seed", "output_dir": "run.output_dir", "name": "run.name",
-                 "workers": "data.workers", "threads": "run.threads"}
-    for attr, key in shortcuts.items():
-        value = getattr(args, attr, None)
-        if value is not None:
-            overrides.append(f"{key}={value}")
-    if args.deterministic:
-        overrides.append("run.deterministic=true")
-    if args.skip_bad_images:
-        overrides.append("data.skip_bad_images=true")
-    if args.no_progress:
-        overrides.append("run.progress=false")
-    if args.allow_outside_root:
-        overrides.append("data.allow_outside_root=true")
-    return training_config(args.config, args.resume, overrides)
+    values = {key: getattr(args, attr) for attr, key in TRAIN_SHORTCUTS.items()
+              if getattr(args, attr, None) is not None}
+    values.update(dict(value for attr, value in TRAIN_SWITCHES.items() if getattr(args, attr)))
+    return training_config(args.config, args.resume, list(args.set or []), values)
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -59,7 +54,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 def _zero_shot_config(dataset: str | None) -> str:
     """The shipped stage-1 config of the dataset (its prompts, head and CLIP), said out loud."""
-    from ..core.config import CONFIG_DIR
+    from ..experiment.config import CONFIG_DIR
 
     name = f"{dataset or 'rafdb'}_stage1"
     name = name if (CONFIG_DIR / f"{name}.yaml").is_file() else "rafdb_stage1"
@@ -69,8 +64,8 @@ def _zero_shot_config(dataset: str | None) -> str:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from ..core.config import load_config
     from ..core.errors import ConfigError
+    from ..experiment.config import load_config
     from ..verbs.eval_job import run_eval
 
     zero_shot = None
@@ -80,9 +75,8 @@ def run_eval(args: argparse.Namespace) -> int:
         raise ConfigError("--classes and --class-alias are for a trained --checkpoint; --zero-shot scores the "
                           "dataset's own classes")
     if args.zero_shot:
-        overrides = list(args.set or []) + ([f"backbone.path={args.clip}"] if args.clip else [])
         config = args.config or _zero_shot_config(args.dataset)
-        zero_shot = load_config(config, overrides)
+        zero_shot = load_config(config, list(args.set or []), {"backbone.path": args.clip} if args.clip else None)
     elif not args.checkpoint:
         raise ConfigError("give --checkpoint (a .safetensors checkpoint or a run directory), or --zero-shot")
     elif args.clip or args.config:

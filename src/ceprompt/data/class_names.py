@@ -109,19 +109,3 @@ def match_classes(targets: Sequence[str], trained_names: Sequence[str], trained_
     trained = [index.get(canonical(name, extra)) for name in targets]
     words = [trained_words[t] if t is not None else name for name, t in zip(targets, trained)]
     return ClassMatch(list(targets), trained, words)
-
-
-def prompt_words(model: object) -> list[str]:
-    """The words a stage-1 or stage-2 model's class prompts use now."""
-    learner = getattr(model, "prompt_learner", None)
-    return list((learner if learner is not None else model).prompt_names)
-
-
-def use_classes(model: object, targets: Sequence[str], aliases: Sequence[str] | None = None,
-                where: str = "classes") -> ClassMatch:
-    """Make ``model`` score ``targets`` (see :func:`match_classes`); returns how they matched."""
-    trained = list(model.class_names)
-    match = match_classes(targets, trained, prompt_words(model), aliases, where)
-    if not match.identical or len(match.targets) != len(trained):
-        model.use_classes(match.targets, match.words)
-    return match

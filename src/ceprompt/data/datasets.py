@@ -264,10 +264,9 @@ def validation_split(samples: Sequence[Sample], fraction: float, seed: int) -> t
 
 
 class FERDataset(Dataset):
-    """Samples as (image tensor, class index, sample index, view key).
-
-    The view key is ``2 * index + view`` when the augmentation's random choice is repeatable
-    (see :class:`ceprompt.data.transforms.Augment`), else -1.
+    """Samples as mappings: ``image`` (tensor), ``label`` (class index), ``index`` (sample index) and ``flip``: 1 or
+    0 when the augmentation's only random choice was a horizontal flip (the image is one of the sample's two
+    repeatable views), -1 otherwise (see :class:`ceprompt.data.transforms.Augment`).
 
     ``resize`` is the deterministic first step (to the model's input size); ``augment`` the rest.
     With ``cache`` the resized images are decoded once, in the main process, and shared with
@@ -290,16 +289,16 @@ class FERDataset(Dataset):
     def labels(self) -> list[int]:
         return [s.label for s in self.samples]
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int, int, int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor | int]:
         """``key``: a sample index, or (index, draw seed) from :class:`~ceprompt.data.samplers.TrainSampler`, whose
         seed alone decides the random augmentation (not the loader process's random state)."""
         index, seed = key if isinstance(key, tuple) else (key, None)
         sample = self.samples[index]
         image = self.cache[index] if self.cache is not None else self.resize(open_image(sample.path))
         if seed is None:
-            tensor, view = self.augment(image)
+            tensor, flip = self.augment(image)
         else:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                tensor, view = self.augment(image)
-        return tensor, sample.label, index, 2 * index + view if view >= 0 else -1
+                tensor, flip = self.augment(image)
+        return {"image": tensor, "label": sample.label, "index": index, "flip": flip}

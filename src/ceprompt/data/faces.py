@@ -185,22 +185,27 @@ class FaceDetector:
                 offset: tuple[float, float] = (0.0, 0.0)) -> list[DetectedFace]:
         """Every face MTCNN returns in ``image`` (at any confidence), in the coordinates of a ``frame``-sized
         image (default: ``image``'s own) of which ``image`` shows the part from ``offset`` on."""
-        self.mtcnn.min_face_size = max(float(MTCNN_WINDOW), min_face)
-        try:
-            boxes, probs, points = self.mtcnn.detect(image, landmarks=True)
+        import torch
+        from facenet_pytorch.models.utils.detect_face import detect_face
+
+        mtcnn = self.mtcnn
+        try:  # the minimum face is an argument, never written to the shared MTCNN: detectors serve many threads
+            with torch.no_grad():
+                found, points = detect_face(image, max(float(MTCNN_WINDOW), min_face), mtcnn.pnet, mtcnn.rnet,
+                                            mtcnn.onet, mtcnn.thresholds, mtcnn.factor, mtcnn.device)
         except (RuntimeError, ValueError, IndexError) as exc:
             raise CepromptError(f"face detection failed on this {image.width}x{image.height} image "
                                 f"({str(exc).splitlines()[0][:120]})") from None
-        if boxes is None:
-            return []
+        boxes, points = np.asarray(found[0], dtype=np.float64).reshape(-1, 5), np.asarray(points[0]).reshape(-1, 5, 2)
+        order = np.argsort((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))[::-1]  # as MTCNN.detect
+        boxes, points = boxes[order], points[order]
         fw, fh = frame or image.size
         sx, sy = fw / image.width, fh / image.height
         ox, oy = offset
         return [
             DetectedFace(box=(ox + b[0] * sx, oy + b[1] * sy, ox + b[2] * sx, oy + b[3] * sy),
-                         landmarks=[(ox + x * sx, oy + y * sy) for x, y in p.tolist()], confidence=float(c))
-            for b, c, p in zip(boxes.tolist(), probs, points)
-            if c is not None
+                         landmarks=[(ox + x * sx, oy + y * sy) for x, y in p.tolist()], confidence=float(b[4]))
+            for b, p in zip(boxes.tolist(), points)
         ]
 
     def _refine(self, image: Image.Image, face: DetectedFace) -> DetectedFace:

@@ -64,11 +64,10 @@ class Preprocess:
 
 
 class Augment:
-    """Random steps after the resize; returns (normalised tensor, view).
+    """Random steps after the resize; returns (normalised tensor, flip).
 
-    ``view`` identifies the random choice when it is one of a few repeatable ones: 0 or 1 for
-    "flipped or not" under flip-only augmentation, so a frozen network's output for that exact
-    input can be cached and reused (stage 1's teacher). -1 means the view is not repeatable.
+    ``flip`` says which of a sample's two repeatable views the result is, 1 (flipped) or 0, when a horizontal flip
+    was the only random change (or none was made); -1 when other random changes make the view unrepeatable.
     """
 
     def __init__(self, kind: str, pre: Preprocess) -> None:

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..core.config import IMAGENET_MEAN, IMAGENET_STD
 from ..core.io_utils import cache_dir
+from ..experiment.config import IMAGENET_MEAN, IMAGENET_STD
 from ..model.clip import build_clip, get_arch, tokenize
 from ..model.towers import text_encode_embeddings
 from ..weights.clip_files import save_clip_safetensors

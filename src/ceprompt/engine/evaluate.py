@@ -17,11 +17,11 @@ from tqdm import tqdm
 
 from ..core.errors import DataError
 from ..core.io_utils import atomic_write, spreadsheet_safe
+from ..core.runtime import Runtime, usable_workers
 from ..data.datasets import FERDataset
 from ..data.samplers import ShardSampler
 from .metrics import classification_metrics
 from .plots import plot_confusion
-from .runtime import Runtime, usable_workers
 
 log = logging.getLogger(__name__)
 
@@ -50,28 +50,33 @@ def eval_loader(dataset: FERDataset, rt: Runtime, batch_size: int, workers: int,
 
 @torch.no_grad()
 def dataset_scores(model: nn.Module, dataset: FERDataset, rt: Runtime, batch_size: int, workers: int,
-                   progress: bool = True, desc: str = "eval", loader: DataLoader | None = None) -> np.ndarray:
+                   progress: bool = True, desc: str = "eval", loader: DataLoader | None = None,
+                   text_features: torch.Tensor | None = None) -> np.ndarray:
     """Head scores (n, C) for every sample, in dataset order, on every process.
 
-    The class text embeddings are computed once for the whole pass, not per batch.
+    The class text embeddings (``text_features``, default the model's trained classes') are computed once for the
+    whole pass, not per batch.
     """
     net = unwrap(model)
     was_training = net.training
     net.eval()
     loader = loader or eval_loader(dataset, rt, batch_size, workers)
-    with rt.autocast():
-        text = net.class_text_features()
+    if text_features is None:
+        with rt.autocast():
+            text = net.class_text_features()
+    else:
+        text = text_features.to(rt.device)
     indices, scores = [], []
     bar = tqdm(total=len(loader.sampler), disable=not (progress and rt.is_main), desc=desc, unit="img",
                dynamic_ncols=True, leave=False)
     start = time.perf_counter()
     try:
-        for images, _, index, _ in loader:
+        for batch in loader:
             with rt.autocast():
-                out = net(images.to(rt.device, non_blocking=True), text_features=text)
+                out = net(batch["image"].to(rt.device, non_blocking=True), text_features=text)
             scores.append(out.logits.float().cpu())
-            indices.append(index)
-            bar.update(len(index))
+            indices.append(batch["index"])
+            bar.update(len(batch["index"]))
             bar.set_postfix_str(f"{bar.n / (time.perf_counter() - start):.1f} img/s")
     except DataError as exc:
         reraise_worker_error(exc)
@@ -89,8 +94,10 @@ def dataset_scores(model: nn.Module, dataset: FERDataset, rt: Runtime, batch_siz
 
 
 def evaluate(model: nn.Module, dataset: FERDataset, class_names: Sequence[str], rt: Runtime, batch_size: int,
-             workers: int, progress: bool = True, loader: DataLoader | None = None) -> tuple[dict[str, Any], np.ndarray]:
-    scores = dataset_scores(model, dataset, rt, batch_size, workers, progress, loader=loader)
+             workers: int, progress: bool = True, loader: DataLoader | None = None,
+             text_features: torch.Tensor | None = None) -> tuple[dict[str, Any], np.ndarray]:
+    scores = dataset_scores(model, dataset, rt, batch_size, workers, progress, loader=loader,
+                            text_features=text_features)
     y_true = np.array(dataset.labels, dtype=np.int64)
     metrics = classification_metrics(y_true, scores.argmax(axis=1), class_names)
     return metrics, scores

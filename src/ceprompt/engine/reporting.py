@@ -17,7 +17,8 @@ from typing import Any, Sequence
 
 from tqdm import tqdm
 
-from ..core.config import Config, dotted
+from ..core.config import dotted
+from ..experiment.config import Config
 from .evaluate import format_metrics
 from .run_dir import append_summary
 

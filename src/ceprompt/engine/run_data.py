@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..core.config import Config
 from ..core.errors import DataError
+from ..core.runtime import Runtime
 from ..data.datasets import Splits, load_splits
 from ..data.protocols import base_split, few_shot
-from .runtime import Runtime
+from ..experiment.config import Config
 
 
 def load_data(cfg: Config, rt: Runtime) -> Splits:

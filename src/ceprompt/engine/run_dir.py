@@ -16,13 +16,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from ..core.config import Config
 from ..core.errors import CepromptError, ConfigError
 from ..core.io_utils import atomic_write, verified_sha256
 from ..core.owned_dirs import OwnedDir
 from ..core.paths import escapes
+from ..core.runtime import Runtime
+from ..experiment.config import Config
 from ..weights.checkpoint import RESUME_NAME, kept_copy
-from .runtime import Runtime
 
 log = logging.getLogger(__name__)
 SUMMARY_FIELDS = ["epoch", "lr", "train_loss", "train_ce", "train_kd", "train_accuracy", "test_accuracy",

@@ -14,7 +14,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -23,10 +23,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..core.config import Config, dump_config, load_config
 from ..core.errors import ConfigError, DataError, TrainingError
 from ..core.io_utils import atomic_write
 from ..core.owned_dirs import MARKER, DirLock
+from ..core.runtime import Runtime, epoch_seed, seed_everything, setup_runtime, teardown_runtime, usable_workers
 from ..data.datasets import (
     FERDataset,
     Sample,
@@ -36,7 +36,8 @@ from ..data.datasets import (
 )
 from ..data.samplers import TrainSampler
 from ..data.transforms import test_transform, train_augment
-from ..model.eva import EVAModel
+from ..experiment.config import Config, dump_config, load_config
+from ..model.stage import Stage, TrainBatch
 from ..model.towers import compiled_block_forward
 from ..model.trainable import load_trainable
 from ..weights.build import BuiltModel, build_for_training, checkpoint_meta, preprocess_from_config
@@ -56,20 +57,15 @@ from .run_dir import (
     settle_kept_best,
     truncate_summary,
 )
-from .runtime import Runtime, epoch_seed, seed_everything, setup_runtime, teardown_runtime, usable_workers
 from .schedule import apply_lr, lr_at
 from .threads import ThreadGovernor
 
 log = logging.getLogger(__name__)
 
 
-def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+def make_optimizer(cfg: Config, model: Stage) -> torch.optim.Optimizer:
     o = cfg.optim
-    if cfg.stage == "eva":
-        groups = model.param_groups(o.lr, o.weight_decay, o.layer_decay)
-    else:
-        groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr_scale": 1.0,
-                   "weight_decay": o.weight_decay}]
+    groups = model.param_groups(o.lr, o.weight_decay, o.layer_decay)
     if o.name == "adamw":
         # The fused kernel updates in place: no foreach temporaries the size of the trainable weights.
         fused = all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
@@ -133,8 +129,7 @@ class Trainer:
                                  generator=self.generator, persistent_workers=n_workers > 0)
         self.select_set = self.val_set or self.test_set
         self.select_loader = eval_loader(self.select_set, rt, self.micro_batch, d.workers, persistent=True)
-        if cfg.stage == "eva" and cfg.run.teacher_cache and augment.kind in ("rafdb", "none"):
-            self.model.enable_teacher_cache(2 * len(self.train_set))
+        self.model.start_training(len(self.train_set))
         if cfg.run.compile:
             compile_blocks(self.model)
         self.optimizer = make_optimizer(cfg, self.model)
@@ -212,8 +207,7 @@ class Trainer:
             raise ConfigError(f"{self.run_dir / 'resume.pt'}: optim.name={saved_optim!r} in the saved state, "
                               f"{self.cfg.optim.name!r} now; a resumed run keeps its optimiser")
         load_trainable(self.model, state["model"], str(self.run_dir / "resume.pt"))
-        if isinstance(self.model, EVAModel):
-            self.model.load_teacher_cache_state(state.get("teacher_cache", {}))
+        self.model.load_extra_state(state.get("teacher_cache", {}))
         try:
             self.optimizer.load_state_dict(state["optimizer"])
         except (ValueError, KeyError, RuntimeError) as exc:
@@ -249,7 +243,7 @@ class Trainer:
                    desc=f"epoch {epoch + 1}/{o.epochs}", dynamic_ncols=True, leave=False)
         start = time.perf_counter()
         try:
-            for i, (images, labels, _, views) in enumerate(self.loader):
+            for i, batch in enumerate(self.loader):
                 step = epoch * self.steps_per_epoch + i // o.accum_steps
                 if i % o.accum_steps == 0:
                     lr = lr_at(step, self.total_steps, self.warmup_steps, o.lr, o.min_lr)
@@ -258,11 +252,12 @@ class Trainer:
                 group_size = min(o.accum_steps, n_batches - group_start)
                 last_micro = i - group_start == group_size - 1
                 sync = contextlib.nullcontext() if last_micro or not rt.distributed else self.net.no_sync()
-                images = images.to(rt.device, non_blocking=True)
-                labels = labels.to(rt.device, non_blocking=True)
+                labels = batch["label"].to(rt.device, non_blocking=True)
+                inputs = TrainBatch(batch["image"].to(rt.device, non_blocking=True), labels, batch["index"],
+                                    batch["flip"])
                 with sync:
                     with rt.autocast():
-                        out = self.net(images, labels, views=views.to(rt.device))
+                        out = self.net(inputs)
                     self._check_finite(out.loss, epoch, i)
                     self.scaler.scale(out.loss / group_size).backward()
                 if last_micro:
@@ -335,7 +330,7 @@ class Trainer:
             "optimizer_name": self.cfg.optim.name,
             "scaler": self.scaler.state_dict(), "best_accuracy": self.best_accuracy, "best_epoch": self.best_epoch,
             "model_config": model_settings(self.cfg),
-            "teacher_cache": self.model.teacher_cache_state() if isinstance(self.model, EVAModel) else {},
+            "teacher_cache": self.model.extra_state(),
         })
 
     def fit(self) -> Path:
@@ -398,7 +393,7 @@ class Trainer:
                 self.reporter.final(metrics, self.run_dir / "eval" / "confusion_matrix.png")
 
 
-def compile_blocks(model: nn.Module) -> None:
+def compile_blocks(model: Stage) -> None:
     """Run the model's transformer blocks through ``torch.compile``.
 
     One compiled block serves every block, but a run needs a graph per tower width, grad mode and batch
@@ -409,7 +404,7 @@ def compile_blocks(model: nn.Module) -> None:
     config = torch._dynamo.config
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
     setattr(config, name, max(getattr(config, name), 64))
-    model.block_pass = compiled_block_forward()
+    model.set_block_pass(compiled_block_forward())
 
 
 def model_settings(cfg: Config) -> dict[str, Any]:
@@ -417,24 +412,25 @@ def model_settings(cfg: Config) -> dict[str, Any]:
     flat = {"stage": cfg.stage, "data.dataset": cfg.data.dataset, "backbone.path": cfg.backbone.path,
             "backbone.arch": cfg.backbone.arch, "data.val_fraction": cfg.data.val_fraction}
     flat.update({f"head.{k}": v for k, v in cfg.head.__dict__.items()})
-    section = cfg.eva if cfg.stage == "eva" else cfg.cat
-    flat.update({f"{cfg.stage}.{k}": v for k, v in section.__dict__.items()})
+    flat.update({f"{cfg.stage}.{k}": v for k, v in cfg.stage_settings.__dict__.items()})
     return flat
 
 
-def training_config(config: str | Path | None, resume: str | Path | None, overrides: Sequence[str] = ()) -> Config:
+def training_config(config: str | Path | None, resume: str | Path | None, overrides: Sequence[str] = (),
+                    values: Mapping[str, Any] | None = None) -> Config:
     """The config of a run to start (``config``: a YAML file or a shipped name) or to resume (its own
-    ``config.yaml``), with ``KEY=VALUE`` overrides; what ``ceprompt train`` and ``ceprompt.train`` both use."""
+    ``config.yaml``), with ``KEY=VALUE`` text overrides and then typed ``values`` (dotted keys); what ``ceprompt
+    train`` and ``ceprompt.train`` both use."""
     if resume is not None:
         if config:
             raise ConfigError("--resume continues a run with its own config.yaml; do not pass --config")
         saved = Path(resume).expanduser() / "config.yaml"
         if not saved.is_file():
             raise ConfigError(f"{saved}: not found; --resume takes a run directory made by ceprompt train")
-        return load_config(saved, overrides)  # the trainer records changes once an epoch succeeds
+        return load_config(saved, overrides, values)  # the trainer records changes once an epoch succeeds
     if not config:
         raise ConfigError("give --config (a YAML file or a shipped name such as rafdb_stage1)")
-    return load_config(config, overrides)
+    return load_config(config, overrides, values)
 
 
 def train(cfg: Config, resume: str | Path | None = None, overwrite: bool = False) -> Path:

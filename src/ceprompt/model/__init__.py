@@ -1,5 +1,6 @@
-"""CEPrompt itself: the CLIP description and tower passes, the scoring head, prompts, EVA (stage 1) and CAT
-(stage 2). Imports nothing from the engine, the verbs, the server or the CLI."""
+"""CEPrompt itself: the CLIP description and tower passes, the scoring head, prompts, the stage contract
+(``stage.py``) with its two stages, EVA (stage 1) and CAT (stage 2), each beside its settings section, and the
+registry of stages (``stages.py``). Imports nothing but ``core`` from the package."""
 
 import importlib.abc
 import sys

@@ -9,111 +9,122 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
 from open_clip.model import CLIP
 from torch import nn
 
+from ..core.config import check_fields, setting
 from ..core.errors import ConfigError
+from ..core.ranges import COUNT, Range
 from .head import HeadConfig, ScoreOutput, emotion_scores
 from .prompts import DEFAULT_TEMPLATE, class_prompts, fixed_prompt_features
-from .towers import BlockPass, block_forward, run_blocks, vision_embed, vision_project
+from .stage import BuildOptions, ClassWords, Stage, TrainBatch
+from .teacher_cache import TeacherCache
+from .towers import run_blocks, vision_embed, vision_project
 from .trainable import freeze
 
 KD_TARGETS = ("normalized", "raw")
 
 
-class EVAModel(nn.Module):
-    """Stage-1 student (with its teacher) scoring images against fixed class prompts."""
+@dataclass
+class EvaConfig:
+    """The ``eva`` section of a config: stage 1's settings."""
 
-    def __init__(
-        self,
-        clip: CLIP,
-        class_names: Sequence[str],
-        head: HeadConfig | None = None,
-        fix_layer: int = 2,
-        template: str = DEFAULT_TEMPLATE,
-        kd_weight: float = 1.0,
-        kd_target: str = "normalized",
-        grad_checkpointing: bool = False,
-        prompt_names: Sequence[str] | None = None,
-        raw_text_at_eval: bool = False,
-    ) -> None:
-        """``prompt_names``: the words put in the prompts (default: the class names).
-        ``raw_text_at_eval``: score with unnormalised class text embeddings in eval mode, as the authors'
-        stage-1 ``test()`` does (training always normalises them)."""
-        super().__init__()
+    fix_layer: int = setting(2, accepts=COUNT)  # vision blocks below this index stay frozen
+    template: str = DEFAULT_TEMPLATE  # fixed class prompt, {} is the class name
+    kd_weight: float = setting(1.0, accepts=Range(0, 1000))  # lambda of the L1 distillation term
+    kd_target: str | None = setting(None, choices=KD_TARGETS)  # normalized, or raw (the authors' unnormalised
+    #   teacher); None: by compat
+    raw_text_at_eval: bool = False  # the authors' stage-1 test(): unnormalised class text embeddings (a defect)
+
+    # Settings that change how a trained model scores, not what it learned: `eval --set` may override them.
+    EVAL_TIME: ClassVar[tuple[str, ...]] = ("raw_text_at_eval",)
+
+    def __post_init__(self) -> None:
+        check_fields(self, "eva.")
+
+    def fill_compat(self, authors: bool) -> None:
+        """Settings left null take the authors' choice (``compat: authors``) or ceprompt's."""
+        if self.kd_target is None:
+            self.kd_target = "raw" if authors else "normalized"
+
+    def check_for(self, clip: CLIP) -> None:
         n_blocks = len(clip.visual.transformer.resblocks)
-        if not 0 <= fix_layer <= n_blocks:
-            raise ConfigError(f"eva.fix_layer={fix_layer}; expected 0..{n_blocks} for a {n_blocks}-block vision tower")
-        if kd_target not in KD_TARGETS:
-            raise ConfigError(f"eva.kd_target={kd_target!r}; expected one of {KD_TARGETS}")
-        if kd_weight < 0:
-            raise ConfigError(f"eva.kd_weight={kd_weight}; expected >= 0")
-        self.clip = clip
-        self.class_names = list(class_names)
-        self.prompt_names = list(prompt_names) if prompt_names is not None else list(class_names)
-        if len(self.prompt_names) != len(self.class_names):
-            raise ConfigError(f"data.prompt_names has {len(self.prompt_names)} words for {len(self.class_names)} "
-                              "classes")
-        self.raw_text_at_eval = raw_text_at_eval
-        self.head = head or HeadConfig()
-        self.fix_layer = fix_layer
-        self.template = template
-        self.kd_weight = kd_weight
-        self.kd_target = kd_target
-        self.grad_checkpointing = grad_checkpointing
-        self.block_pass: BlockPass = block_forward  # the compiled form with run.compile
+        if not 0 <= self.fix_layer <= n_blocks:
+            raise ConfigError(f"eva.fix_layer={self.fix_layer}; expected 0..{n_blocks} for a {n_blocks}-block vision "
+                              "tower")
+        class_prompts(self.template, ["x"])  # exactly one {} for the class name
 
+
+class EVA(Stage):
+    """Stage-1 student (with its teacher while training) scoring images against fixed class prompts."""
+
+    name, number, title, settings_type = "eva", 1, "stage 1 (EVA: tuned upper vision blocks)", EvaConfig
+
+    def __init__(self, clip: CLIP, settings: EvaConfig, head: HeadConfig, classes: ClassWords,
+                 options: BuildOptions = BuildOptions()) -> None:
+        super().__init__(clip, settings, head, classes, options)
+        settings.check_for(clip)
+        self.fix_layer = settings.fix_layer
+        self.kd_target = settings.kd_target or "normalized"
         freeze(clip)
         visual = clip.visual
-        for module in (*visual.transformer.resblocks[fix_layer:], visual.ln_post):
+        for module in (*visual.transformer.resblocks[self.fix_layer:], visual.ln_post):
             for p in module.parameters():
                 p.requires_grad_(True)
         visual.proj.requires_grad_(True)
 
-        # The teacher is only needed to train with distillation (inference passes kd_weight=0).
+        # The teacher is only needed to train with distillation.
         self.teacher: nn.ModuleDict | None = None
-        if kd_weight > 0:
+        if options.training and settings.kd_weight > 0:
             self.teacher = nn.ModuleDict({
-                "blocks": copy.deepcopy(visual.transformer.resblocks[fix_layer:]),
+                "blocks": copy.deepcopy(visual.transformer.resblocks[self.fix_layer:]),
                 "ln_post": copy.deepcopy(visual.ln_post),
             })
             self.teacher.register_parameter("proj", nn.Parameter(visual.proj.detach().clone()))
             freeze(self.teacher)
-        # Computed once per run (the text tower is frozen); not part of any checkpoint. The raw ones serve
-        # only the authors' stage-1 test scoring.
-        raw = fixed_prompt_features(clip, self.prompts, self.class_names)
-        self.register_buffer("text_features", F.normalize(raw, dim=-1), persistent=False)
+        self.cache = TeacherCache(visual.proj.shape[1]) if self.teacher is not None and options.teacher_cache \
+            else None
+        # The text tower is frozen: the trained classes' embeddings are computed once, not per step.
+        raw = self._raw_text(classes.words)
+        self.register_buffer("text_normalized", F.normalize(raw, dim=-1), persistent=False)
         self.register_buffer("text_raw", raw, persistent=False)
 
-    def use_classes(self, class_names: Sequence[str], words: Sequence[str]) -> None:
-        """Score ``class_names`` from now on, each prompt the template around its ``words``."""
-        raw = fixed_prompt_features(self.clip, class_prompts(self.template, words), class_names)
-        self.text_raw = raw.to(self.text_raw.device)
-        self.text_features = F.normalize(self.text_raw, dim=-1)
-        self.class_names, self.prompt_names = list(class_names), list(words)
+    @classmethod
+    def zero_shot(cls, clip: CLIP, settings: EvaConfig, head: HeadConfig, classes: ClassWords) -> "EVA":
+        """The untuned CLIP scored with the stage-1 prompts and the head: the baseline (every block frozen)."""
+        n_blocks = len(clip.visual.transformer.resblocks)
+        return cls.build(clip, dataclasses.replace(settings, fix_layer=n_blocks), head, classes)
 
-    @property
+    # -- scoring ------------------------------------------------------------------------------------------------
+
+    def _raw_text(self, words: Sequence[str]) -> torch.Tensor:
+        return fixed_prompt_features(self.clip, class_prompts(self.settings.template, words), words)
+
+    def _unnormalized_text(self) -> bool:
+        """The authors' stage-1 ``test()`` scores with raw class text embeddings (training normalises them)."""
+        return self.settings.raw_text_at_eval and not self.training
+
+    def text_features(self, words: Sequence[str]) -> torch.Tensor:
+        """The template around each of ``words`` through the frozen text tower: L2-normalised, or raw in eval mode
+        with ``raw_text_at_eval``."""
+        if tuple(words) == self.classes.words:
+            return self.text_raw if self._unnormalized_text() else self.text_normalized
+        raw = self._raw_text(words).to(self.text_raw.device)
+        return raw if self._unnormalized_text() else F.normalize(raw, dim=-1)
+
     def prompts(self) -> list[str]:
-        return class_prompts(self.template, self.prompt_names)
+        return class_prompts(self.settings.template, self.classes.words)
 
-    def _head(self) -> HeadConfig:
-        if self.raw_text_at_eval and not self.training:
-            return dataclasses.replace(self.head, normalize_text=False)
-        return self.head
-
-    def train(self, mode: bool = True) -> "EVAModel":
+    def train(self, mode: bool = True) -> "EVA":
         super().train(mode)
         if self.teacher is not None:
             self.teacher.eval()
         return self
-
-    def class_text_features(self) -> torch.Tensor:
-        """L2-normalised class embeddings; unnormalised in eval mode with ``raw_text_at_eval``."""
-        return self.text_raw if self.raw_text_at_eval and not self.training else self.text_features
 
     def _lower(self, images: torch.Tensor) -> torch.Tensor:
         visual = self.clip.visual
@@ -127,83 +138,56 @@ class EVAModel(nn.Module):
                        grad_checkpointing=self.grad_checkpointing, block_pass=self.block_pass)
         return vision_project(visual, x)
 
-    def enable_teacher_cache(self, n_keys: int) -> None:
-        """Remember the teacher's embedding of every repeatable view (see ``FERDataset``).
+    def _scores(self, lower: torch.Tensor, text: torch.Tensor) -> ScoreOutput:
+        tokens = self._student(lower)
+        logits = emotion_scores(tokens[:, 0], tokens[:, 1:], text, self.head, not self._unnormalized_text())
+        return ScoreOutput(logits=logits, global_emb=tokens[:, 0], patches=tokens[:, 1:])
 
-        The teacher is frozen, so an identical input gives an identical embedding: with flip-only
-        augmentation each training image has two views, and after they have been seen once the
-        teacher's forward pass is skipped (a quarter of a stage-1 step).
-        """
-        if self.teacher is None:
-            return
-        ref = self.teacher.proj
-        self.register_buffer("teacher_cache", torch.zeros(n_keys, ref.shape[1], device=ref.device), persistent=False)
-        self.register_buffer("teacher_known", torch.zeros(n_keys, dtype=torch.bool, device=ref.device),
-                             persistent=False)
-
-    def _teacher_targets(self, lower: torch.Tensor, views: torch.Tensor | None) -> torch.Tensor:
-        if views is None or not hasattr(self, "teacher_cache"):
-            return self._teacher_global(lower).float()
-        keys = views.to(self.teacher_known.device)
-        known = (keys >= 0) & self.teacher_known[keys.clamp(min=0)]
-        out = torch.empty(len(keys), self.teacher_cache.shape[1], device=lower.device)
-        if known.any():
-            out[known] = self.teacher_cache[keys[known]].to(lower.device)
-        todo = ~known
-        if todo.any():
-            fresh = self._teacher_global(lower[todo]).float()
-            out[todo] = fresh
-            new = keys[todo] >= 0
-            self.teacher_cache[keys[todo][new]] = fresh[new].to(self.teacher_cache.device)
-            self.teacher_known[keys[todo][new]] = True
-        return out
-
-    def teacher_cache_state(self) -> dict[str, torch.Tensor]:
-        if not hasattr(self, "teacher_cache"):
-            return {}
-        return {"cache": self.teacher_cache.cpu(), "known": self.teacher_known.cpu()}
-
-    def load_teacher_cache_state(self, state: dict[str, torch.Tensor]) -> None:
-        if state and hasattr(self, "teacher_cache") and state["cache"].shape == self.teacher_cache.shape:
-            self.teacher_cache.copy_(state["cache"])
-            self.teacher_known.copy_(state["known"])
+    def score(self, images: torch.Tensor, text_features: torch.Tensor) -> ScoreOutput:
+        return self._scores(self._lower(images), text_features)
 
     @torch.no_grad()
     def _teacher_global(self, x: torch.Tensor) -> torch.Tensor:
         x = run_blocks(self.teacher["blocks"], x, block_pass=self.block_pass)
         return self.teacher["ln_post"](x[:, 0]) @ self.teacher.proj
 
-    def forward(
-        self, images: torch.Tensor, labels: torch.Tensor | None = None, text_features: torch.Tensor | None = None,
-        views: torch.Tensor | None = None,
-    ) -> ScoreOutput:
-        """Head scores; with ``labels`` also the loss: CE plus ``kd_weight`` x L1 distance of the
-        global embedding to the teacher's (computed in ``forward`` so DistributedDataParallel sees it).
-        ``views`` are the batch's view keys, for the teacher cache."""
-        lower = self._lower(images)
-        tokens = self._student(lower)
-        text = self.class_text_features() if text_features is None else text_features
-        logits = emotion_scores(tokens[:, 0], tokens[:, 1:], text, self._head())
-        out = ScoreOutput(logits=logits, global_emb=tokens[:, 0], patches=tokens[:, 1:])
-        if labels is None:
-            return out
-        out.loss = F.cross_entropy(logits, labels)
+    # -- training -----------------------------------------------------------------------------------------------
+
+    def training_loss(self, batch: TrainBatch) -> ScoreOutput:
+        """CE plus ``kd_weight`` x the L1 distance of the global embedding to the frozen teacher's."""
+        lower = self._lower(batch.images)
+        out = self._scores(lower, self.class_text_features())
+        out.loss = F.cross_entropy(out.logits, batch.labels)
         out.parts["ce"] = out.loss.detach()
         if self.teacher is not None:
             student = F.normalize(out.global_emb.float(), dim=-1)
-            teacher = self._teacher_targets(lower, views)
+            if self.cache is not None:
+                teacher = self.cache.targets(lower, batch.index, batch.flip, self._teacher_global)
+            else:
+                teacher = self._teacher_global(lower).float()
             if self.kd_target == "normalized":
                 teacher = F.normalize(teacher, dim=-1)
             kd = F.l1_loss(student, teacher)
             out.parts["kd"] = kd.detach()
-            out.loss = out.loss + self.kd_weight * kd
+            out.loss = out.loss + self.settings.kd_weight * kd
         return out
+
+    def start_training(self, n_samples: int) -> None:
+        if self.cache is not None:
+            self.cache.reserve(n_samples)
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        return self.cache.state() if self.cache is not None else {}
+
+    def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
+        if self.cache is not None:
+            self.cache.load(state)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The weights stage 1 changes, named as in the CLIP so they overlay the base checkpoint."""
         return {n: p.detach() for n, p in self.clip.named_parameters() if p.requires_grad}
 
-    def param_groups(self, lr: float, weight_decay: float, layer_decay: float) -> list[dict]:
+    def param_groups(self, lr: float, weight_decay: float, layer_decay: float) -> list[dict[str, Any]]:
         """AdamW groups: block i at ``lr * layer_decay ** (n_blocks - i)``, ``ln_post``/projection at ``lr``;
         weight decay only on tensors with 2 or more dimensions."""
         visual = self.clip.visual
@@ -223,3 +207,8 @@ class EVAModel(nn.Module):
             {"params": params, "lr": lr * scale, "lr_scale": scale, "weight_decay": wd}
             for (scale, wd), params in sorted(groups.items(), key=lambda kv: kv[0])
         ]
+
+    @classmethod
+    def describe(cls, settings: EvaConfig) -> str:
+        return (f"EVA: blocks from {settings.fix_layer} trained, distillation weight {settings.kd_weight} "
+                f"({settings.kd_target} teacher)")

@@ -12,28 +12,30 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ..core.config import check_fields, setting
+from ..core.errors import ConfigError
+from ..core.ranges import POSITIVE_INT, UNIT, Range
+
 HEAD_MODES = ("both", "global", "local")
 
 
 @dataclass
 class HeadConfig:
-    top_k: int = 16  # patches whose similarities are averaged into the local score
-    alpha: float = 0.5  # weight of the local score; 1 - alpha weighs the global score
-    mode: str = "both"  # "both", or the ablations "global" (class token only) and "local" (patches only)
-    logit_scale: float = 1.0  # multiplies the scores before cross-entropy; the reference uses none
-    normalize_text: bool = True  # False: the authors' stage-1 test scoring, with raw class text embeddings
+    """The ``head`` section of a config: how both stages score an image against the class text."""
+
+    top_k: int = setting(16, accepts=POSITIVE_INT)  # local score: mean of the k best patch similarities
+    alpha: float = setting(0.5, accepts=UNIT)  # weight of the local score
+    mode: str = setting("both", choices=HEAD_MODES)  # both, global or local
+    logit_scale: float = setting(1.0, accepts=Range(0, 1000, lo_open=True))  # scores x this = cross-entropy logits
 
     def __post_init__(self) -> None:
-        from ..core.errors import ConfigError
+        check_fields(self, "head.")
 
-        if self.mode not in HEAD_MODES:
-            raise ConfigError(f"head.mode={self.mode!r}; expected one of {HEAD_MODES}")
-        if self.top_k < 1:
-            raise ConfigError(f"head.top_k={self.top_k}; expected a positive number of patches")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ConfigError(f"head.alpha={self.alpha}; expected a weight between 0 and 1")
-        if self.logit_scale <= 0:
-            raise ConfigError(f"head.logit_scale={self.logit_scale}; expected a positive number")
+    def check_patches(self, num_patches: int) -> None:
+        """A top-k the model can honour (the head would clamp it, and the config would say otherwise)."""
+        if self.top_k > num_patches:
+            raise ConfigError(f"head.top_k={self.top_k}, but this CLIP's vision tower has {num_patches} patches; "
+                              f"expected 1..{num_patches}")
 
 
 @dataclass
@@ -57,20 +59,23 @@ def emotion_scores(
     patches: torch.Tensor,
     text: torch.Tensor,
     cfg: HeadConfig,
+    normalize_text: bool = True,
 ) -> torch.Tensor:
     """Class scores (B, C) used directly as cross-entropy logits.
 
     ``global_emb`` (B, D) is the projected class token, ``patches`` (B, N, D) the projected
     patch tokens (prompt tokens excluded), ``text`` (C, D) the class text embeddings. None
-    needs to be normalised by the caller.
+    needs to be normalised by the caller. ``normalize_text=False`` is the authors' stage-1 test scoring, with
+    raw class text embeddings.
     """
     # The head is cheap; fp32 keeps the top-k selection and the normalisations exact under autocast.
     with torch.autocast(device_type=global_emb.device.type, enabled=False):
-        return cfg.logit_scale * _mixed_scores(global_emb.float(), patches.float(), text.float(), cfg)
+        return cfg.logit_scale * _mixed_scores(global_emb.float(), patches.float(), text.float(), cfg, normalize_text)
 
 
-def _mixed_scores(global_emb: torch.Tensor, patches: torch.Tensor, text: torch.Tensor, cfg: HeadConfig) -> torch.Tensor:
-    if cfg.normalize_text:
+def _mixed_scores(global_emb: torch.Tensor, patches: torch.Tensor, text: torch.Tensor, cfg: HeadConfig,
+                  normalize_text: bool) -> torch.Tensor:
+    if normalize_text:
         text = F.normalize(text, dim=-1)
     parts = []
     if cfg.mode in ("both", "global"):

@@ -17,7 +17,11 @@ def freeze(module: nn.Module) -> None:
 
 def load_trainable(model: nn.Module, tensors: Mapping[str, torch.Tensor], where: str) -> None:
     """Copy saved weights into ``model.trainable_state_dict()``; names and shapes must match exactly."""
-    own = model.trainable_state_dict()
+    load_into(model.trainable_state_dict(), tensors, where)
+
+
+def load_into(own: Mapping[str, torch.Tensor], tensors: Mapping[str, torch.Tensor], where: str) -> None:
+    """Copy ``tensors`` into the (detached) tensors ``own``; names and shapes must match exactly."""
     missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
     if missing or unexpected:
         raise CheckpointError(f"{where}: saved weights do not match this model "

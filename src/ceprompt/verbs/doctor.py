@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..engine.runtime import auto_precision
+from ..core.runtime import auto_precision
 from ..model.clip import build_clip, get_arch, tokenize
 from ..weights.clip_files import load_clip, save_clip_safetensors
 

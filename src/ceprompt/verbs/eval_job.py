@@ -7,17 +7,19 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..core.config import Config
+import torch
+
 from ..core.errors import ConfigError
 from ..core.paths import output_dir, removed_on_failure
 from ..core.ranges import POSITIVE_INT, check
-from ..data.class_names import canonical, parse_aliases, use_classes
+from ..core.runtime import Runtime, setup_runtime, teardown_runtime
+from ..data.class_names import canonical, match_classes, parse_aliases
 from ..data.datasets import FERDataset, Sample, load_splits
 from ..data.protocols import relabel_for
 from ..data.transforms import test_transform
 from ..engine.evaluate import evaluate, format_metrics, write_report
-from ..engine.runtime import Runtime, setup_runtime, teardown_runtime
 from ..engine.transfer import transfer_metrics
+from ..experiment.config import Config
 from ..weights.build import build_zero_shot, load_trained, preprocess_from_config
 
 log = logging.getLogger(__name__)
@@ -84,15 +86,20 @@ def _evaluate(rt: Runtime, out_path: Path, overwrite: bool, data_root: str | Pat
         model, pre = built.model, preprocess_from_config(cfg, built.spec)
     samples = splits.test if split == "test" else splits.train
     transfer: dict[str, Any] = {}
+    words = None
     if checkpoint is not None:
         recorded = ((loaded.meta.get("config") or {}).get("data") or {}).get("class_aliases")
-        samples, class_names, transfer = _match_classes(model, samples, splits.class_names, classes,
-                                                        class_aliases if class_aliases is not None else recorded)
+        samples, class_names, words, transfer = _match_classes(model, samples, splits.class_names, classes,
+                                                               class_aliases if class_aliases is not None else recorded)
     if not samples:
         raise ConfigError(f"{dataset} at {data_root}: the {split} split is empty")
     data = FERDataset(samples, pre.resize(), test_transform(pre))
-    model = model.to(rt.device)
-    metrics, scores = evaluate(model, data, class_names, rt, batch_size, workers, progress)
+    model = model.to(rt.device).eval()
+    text = None
+    if words is not None:
+        with torch.no_grad(), rt.autocast():
+            text = model.text_features(words)
+    metrics, scores = evaluate(model, data, class_names, rt, batch_size, workers, progress, text_features=text)
     if transfer.get("unseen_classes") or transfer.get("mapped"):
         metrics.update(transfer_metrics(scores, data.labels, transfer["seen"]))
     if rt.is_main:
@@ -111,23 +118,23 @@ def _evaluate(rt: Runtime, out_path: Path, overwrite: bool, data_root: str | Pat
 
 
 def _match_classes(model: Any, samples: list[Sample], dataset_classes: list[str], classes: Sequence[str] | None,
-                   aliases: Sequence[str] | None) -> tuple[list[Sample], list[str], dict[str, Any]]:
+                   aliases: Sequence[str] | None) -> tuple[list[Sample], list[str], list[str], dict[str, Any]]:
     """Score the dataset's classes (or ``--classes``) with a trained model: classes it was trained for (by name or
     alias) with their trained prompts, the others from their words. Returns the relabelled samples, the target
-    classes and what the report says about the matching."""
-    trained = list(model.class_names)
+    classes, their prompt words and what the report says about the matching."""
+    trained = list(model.classes.names)
     extra = parse_aliases(aliases)
     if classes is None:
         same = sorted(canonical(c, extra) for c in dataset_classes) == sorted(canonical(c, extra) for c in trained)
         classes = [next(d for d in dataset_classes if canonical(d, extra) == canonical(t, extra)) for t in trained] \
             if same else list(dataset_classes)
-    match = use_classes(model, classes, aliases, where="--classes")
+    match = match_classes(classes, trained, model.classes.words, aliases, where="--classes")
     kept, left_out = relabel_for(samples, dataset_classes, match.targets, aliases)
     if left_out:
         log.info("classes not among the scored ones, their images left out: %s", ", ".join(left_out))
     mapping = match.describe(trained)
     mapped = not match.identical or len(match.targets) != len(trained) or bool(left_out)
-    return kept, list(match.targets), {
+    return kept, list(match.targets), list(match.words), {
         "trained_classes": trained, "class_mapping": mapping, "seen": match.seen, "mapped": mapped,
         "unseen_classes": [t for t, s in zip(match.targets, match.seen) if not s], "left_out_classes": left_out,
         "classes": [{"name": t, "seen": s, "trained_as": trained[i] if i is not None else None}

@@ -26,6 +26,8 @@ from .. import __version__
 from ..core.errors import CheckpointError, ConfigError
 from ..core.io_utils import atomic_write_set, sha256_file
 from ..core.paths import output_dir
+from ..experiment.config import config_from_dict
+from ..model.stages import stage_class
 from ..weights.build import HUB_FORMAT, load_trained
 from ..weights.checkpoint import non_finite
 from ..weights.hub import backbone_license
@@ -49,8 +51,7 @@ def export_hub(checkpoint: str | os.PathLike, out: str | os.PathLike, dtype: str
     loaded = load_trained(checkpoint)
     model = loaded.model
     tensors = {f"clip.{k}": v for k, v in model.clip.state_dict().items()}
-    if loaded.meta["stage"] == "cat":
-        tensors.update(model.trainable_state_dict())
+    tensors.update(model.own_state_dict())
     tensors = {k: v.detach().to(DTYPES[dtype]).contiguous().cpu() for k, v in tensors.items()}
     bad = non_finite(tensors)
     if bad:  # fp16 overflows where a weight exceeds 65504
@@ -110,8 +111,7 @@ def _metrics_table(config: dict[str, Any]) -> str:
 
 def model_card(config: dict[str, Any], size_mb: float) -> str:
     cfg = config["config"]
-    stage = "stage 2 (CAT: coupled text and vision prompts)" if config["stage"] == "cat" else \
-        "stage 1 (EVA: tuned upper vision blocks)"
+    stage = stage_class(config["stage"])
     words = ", ".join(f"{c} ({w})" if c != w else c for c, w in zip(config["class_names"], config["prompt_names"]))
     backbone = config["backbone"]
     spec = config["clip_spec"]
@@ -119,13 +119,7 @@ def model_card(config: dict[str, Any], size_mb: float) -> str:
     settings = [f"compat mode: {config['compat']}", f"head: top-k {head['top_k']}, alpha {head['alpha']}, "
                 f"mode {head['mode']}", f"optimiser: {cfg['optim']['name']}, lr {cfg['optim']['lr']}, "
                 f"{cfg['optim']['epochs']} epochs, batch {cfg['optim']['batch_size']}"]
-    if config["stage"] == "eva":
-        settings.append(f"EVA: blocks from {cfg['eva']['fix_layer']} trained, distillation weight "
-                        f"{cfg['eva']['kd_weight']} ({cfg['eva']['kd_target']} teacher)")
-    else:
-        c = cfg["cat"]
-        settings.append(f"CAT: {c['n_ctx']} context vectors from {c['ctx_init']!r}, prompt depth {c['prompt_depth']}, "
-                        f"vision prompts {c['vision_prompts']}, invariant token {c['invariant_token']}")
+    settings.append(stage.describe(config_from_dict(cfg, "config.json (config)").stage_settings))
     pre = config["preprocess"]
     settings.append(f"preprocessing: {pre['image_size']} px, {pre.get('resize', 'square')} resize, "
                     f"{pre.get('interpolation', 'bicubic')}, mean {pre['mean']}, std {pre['std']}")
@@ -141,7 +135,7 @@ tags:
 - ceprompt
 ---
 
-# CEPrompt facial expression model: {config.get('dataset')}, {stage}
+# CEPrompt facial expression model: {config.get('dataset')}, {stage.title}
 {notice}
 A [CEPrompt](https://doi.org/10.1109/TCSVT.2024.3424777) model trained with ceprompt {config['ceprompt_version']}.
 Classes (label, with the word used in the prompts where it differs): {words}.

@@ -16,19 +16,18 @@ from typing import Any, Sequence
 
 import torch
 from open_clip.model import CLIP
-from torch import nn
 
-from ..core.config import BackboneConfig, Config, config_from_dict, parse_override
+from ..core.config import parse_override
 from ..core.errors import CheckpointError, ConfigError
 from ..core.io_utils import verified_sha256
 from ..core.paths import shown
 from ..core.schema import SchemaError, read_json
 from ..data.transforms import Preprocess, preprocess_for
-from ..model.cat import CATModel
+from ..experiment.config import BackboneConfig, Config, config_from_dict
 from ..model.clip import ClipSpec, build_clip, get_arch, infer_spec
-from ..model.eva import EVAModel
-from ..model.head import HeadConfig
-from ..model.trainable import load_trainable
+from ..model.stage import BuildOptions, ClassWords, Stage
+from ..model.stages import STAGES, ZERO_SHOT, stage_class
+from ..model.trainable import load_into, load_trainable
 from .checkpoint import check_header_dtypes, kept_copy, non_finite, read_checkpoint, validate_meta
 from .clip_files import load_clip
 from .hub import HF_PREFIX, download_model, is_name, resolve_clip
@@ -91,24 +90,26 @@ def resolve_recorded(record: dict[str, Any], checkpoint: Path, what: str) -> tup
     base = checkpoint.parent
     candidates = [base / record["relpath"]] if isinstance(record.get("relpath"), str) else []
     candidates.append(Path(raw) if Path(raw).is_absolute() else base / raw)
-    candidates = [Path(os.path.abspath(c)) for c in candidates]
-    found = next((c for c in candidates if c.exists()), None)
-    if found is None:
+    candidates = list(dict.fromkeys(Path(os.path.abspath(c)) for c in candidates))
+    existing = [c for c in candidates if c.exists()]
+    if not existing:
         raise CheckpointError(f"{checkpoint}: its {what} {candidates[-1]} is missing; restore it there")
     want = record.get("sha256")
     if not want:
-        log.warning("%s: no SHA-256 recorded for its %s %s; it is used unverified", checkpoint, what, found)
-        return found, None
-    got = verified_sha256(found)
-    kept = kept_copy(found, str(want))
-    if got != want and kept.is_file() and verified_sha256(kept) == want:
-        log.info("%s: its %s %s has changed since (a resumed run); using the copy kept as %s", checkpoint, what,
-                 found, kept.name)
-        return kept, want
-    if got != want:
-        raise CheckpointError(f"{checkpoint}: its {what} {found} is not the file it was made with (SHA-256 "
-                              f"{got[:16]}... now, {str(want)[:16]}... recorded); restore that file or retrain")
-    return found, got
+        log.warning("%s: no SHA-256 recorded for its %s %s; it is used unverified", checkpoint, what, existing[0])
+        return existing[0], None
+    for found in existing:  # a run moved beside another may find a different file first: try each in order
+        if verified_sha256(found) == want:
+            return found, want
+        kept = kept_copy(found, str(want))
+        if kept.is_file() and verified_sha256(kept) == want:
+            log.info("%s: its %s %s has changed since (a resumed run); using the copy kept as %s", checkpoint, what,
+                     found, kept.name)
+            return kept, want
+    got = verified_sha256(existing[0])
+    tried = " nor ".join(str(c) for c in existing)
+    raise CheckpointError(f"{checkpoint}: its {what} {tried} is not the file it was made with (SHA-256 "
+                          f"{got[:16]}... now, {str(want)[:16]}... recorded); restore that file or retrain")
 
 
 def backbone_from_record(record: dict[str, Any], checkpoint: Path) -> Backbone:
@@ -134,93 +135,75 @@ def check_spec(spec: ClipSpec, recorded: dict[str, Any], where: str) -> None:
         raise CheckpointError(f"{where} was trained on another backbone ({'; '.join(diffs)})")
 
 
-def head_config(cfg: Config) -> HeadConfig:
-    h = cfg.head
-    return HeadConfig(top_k=h.top_k, alpha=h.alpha, mode=h.mode, logit_scale=h.logit_scale)
-
-
-def _stage1_model(cfg: Config, clip: CLIP, class_names: Sequence[str], training: bool, zero_shot: bool = False
-                  ) -> EVAModel:
-    fix_layer = len(clip.visual.transformer.resblocks) if zero_shot else cfg.eva.fix_layer
-    return EVAModel(
-        clip, class_names, head=head_config(cfg), fix_layer=fix_layer, template=cfg.eva.template,
-        kd_weight=cfg.eva.kd_weight if training else 0.0, kd_target=cfg.eva.kd_target,
-        grad_checkpointing=cfg.run.grad_checkpointing, prompt_names=cfg.data.prompt_names,
-        raw_text_at_eval=cfg.eva.raw_text_at_eval,
-    )
-
-
-def _stage2_model(cfg: Config, clip: CLIP, class_names: Sequence[str]) -> CATModel:
-    c = cfg.cat
-    return CATModel(
-        clip, class_names, head=head_config(cfg), n_ctx=c.n_ctx, ctx_init=c.ctx_init, prompt_depth=c.prompt_depth,
-        invariant_token=c.invariant_token, vision_prompts=c.vision_prompts,
-        grad_checkpointing=cfg.run.grad_checkpointing, prompt_names=cfg.data.prompt_names, prompt_layout=c.prompt_layout,
-    )
+def build_stage(cfg: Config, clip: CLIP, class_names: Sequence[str], training: bool = False) -> Stage:
+    """The config's stage on ``clip``, scoring ``class_names`` (the run's prompt words where the config names them)."""
+    options = BuildOptions(training=training, grad_checkpointing=cfg.run.grad_checkpointing,
+                           teacher_cache=cfg.run.teacher_cache)
+    return stage_class(cfg.stage).build(clip, cfg.stage_settings, cfg.head,
+                                        ClassWords.of(class_names, cfg.data.prompt_names), options)
 
 
 Checkpoint = tuple[dict[str, torch.Tensor], dict[str, Any], Path]  # what read_checkpoint returns
 
 
-def _load_stage1_into(backbone: Backbone, stage1: Checkpoint, sha256: str | None = None) -> dict[str, Any]:
-    """Overlay a stage-1 checkpoint (already read) on ``backbone``; returns the record a stage-2 checkpoint keeps."""
-    tensors, meta, path = stage1
-    if meta.get("stage") != "eva":
-        raise CheckpointError(f"{path}: backbone.init must be a stage-1 (eva) checkpoint, this is {meta.get('stage')!r}")
+def _load_base_into(backbone: Backbone, base: Checkpoint, stage: str, sha256: str | None = None) -> dict[str, Any]:
+    """Overlay the checkpoint a stage builds on (already read; it must be of ``stage``) on ``backbone``; returns
+    the record the new checkpoint keeps of it."""
+    tensors, meta, path = base
+    if meta.get("stage") != stage:
+        number = STAGES[stage].number
+        raise CheckpointError(f"{path}: backbone.init must be a stage-{number} ({stage}) checkpoint, this is "
+                              f"{meta.get('stage')!r}")
     check_spec(backbone.spec, meta["clip_spec"], str(path))
-    # an inference-mode stage-1 model names exactly the weights the checkpoint must hold
-    cfg1 = config_from_dict(meta["config"], where=f"{path} (recorded config)")
-    load_trainable(_stage1_model(cfg1, backbone.clip, meta["class_names"], training=False), tensors, str(path))
+    # an inference-mode model of that stage names exactly the weights the checkpoint must hold
+    cfg = config_from_dict(meta["config"], where=f"{path} (recorded config)")
+    load_trainable(build_stage(cfg, backbone.clip, meta["class_names"]), tensors, str(path))
     return {"path": str(path.resolve()), "sha256": sha256 or verified_sha256(path), "class_names": meta["class_names"],
             "backbone": meta["backbone"]}
 
 
 @dataclass
 class BuiltModel:
-    model: nn.Module
+    model: Stage
     spec: ClipSpec
     backbone: dict[str, Any]
     init: dict[str, Any] | None  # stage 2: the stage-1 checkpoint it builds on
 
 
-def check_top_k(cfg: Config, spec: ClipSpec) -> None:
-    """A run's top-k must be possible on its model (the head would clamp it, and the config would say otherwise)."""
-    if cfg.head.top_k > spec.num_patches:
-        raise ConfigError(f"head.top_k={cfg.head.top_k}, but this CLIP ({spec.describe()}) has {spec.num_patches} "
-                          f"patches; expected 1..{spec.num_patches}")
-
-
 def build_for_training(cfg: Config, class_names: Sequence[str]) -> BuiltModel:
-    if cfg.stage == "eva":
+    base_stage = stage_class(cfg.stage).builds_on
+    if base_stage is None:
         backbone = load_backbone(cfg.backbone)
-        check_top_k(cfg, backbone.spec)
-        return BuiltModel(_stage1_model(cfg, backbone.clip, class_names, training=True), backbone.spec,
+        return BuiltModel(build_stage(cfg, backbone.clip, class_names, training=True), backbone.spec,
                           backbone.record, None)
     if not cfg.backbone.init:
-        raise CheckpointError("stage 2 (cat) needs the stage-1 checkpoint: pass --init or set backbone.init")
-    stage1 = read_checkpoint(cfg.backbone.init)
-    _, init_meta, init_path = stage1
+        raise CheckpointError(f"stage {STAGES[cfg.stage].number} ({cfg.stage}) needs the stage-"
+                              f"{STAGES[base_stage].number} checkpoint it starts from: pass --init (a stage-"
+                              f"{STAGES[base_stage].number} run directory or checkpoint) or set backbone.init")
+    base = read_checkpoint(cfg.backbone.init)
+    _, base_meta, base_path = base
     if cfg.backbone.path or cfg.backbone.arch:
         backbone = load_backbone(cfg.backbone)
-        recorded = init_meta["backbone"].get("sha256")
+        recorded = base_meta["backbone"].get("sha256")
         if recorded and recorded != backbone.record.get("sha256"):
-            raise CheckpointError(f"{init_path} was trained on another CLIP file ({init_meta['backbone'].get('path')}) "
-                                  f"than backbone.path {cfg.backbone.path} (their SHA-256 differ); stage 2 must use "
-                                  "the stage-1 backbone: leave backbone.path unset")
+            raise CheckpointError(f"{base_path} was trained on another CLIP file ({base_meta['backbone'].get('path')}) "
+                                  f"than backbone.path {cfg.backbone.path} (their SHA-256 differ); a later stage must "
+                                  "use the backbone of the checkpoint it starts from: leave backbone.path unset")
     else:
-        backbone = backbone_from_record(init_meta["backbone"], init_path)
-    check_top_k(cfg, backbone.spec)
-    init = _load_stage1_into(backbone, stage1)
+        backbone = backbone_from_record(base_meta["backbone"], base_path)
+    init = _load_base_into(backbone, base, base_stage)
     if list(init["class_names"]) != list(class_names):
-        log.warning("stage-1 checkpoint was trained for classes %s; stage 2 uses %s", init["class_names"], class_names)
-    return BuiltModel(_stage2_model(cfg, backbone.clip, class_names), backbone.spec, backbone.record, init)
+        log.warning("the stage-%d checkpoint was trained for classes %s; this stage uses %s",
+                    STAGES[base_stage].number, init["class_names"], class_names)
+    return BuiltModel(build_stage(cfg, backbone.clip, class_names, training=True), backbone.spec, backbone.record,
+                      init)
 
 
 def build_zero_shot(cfg: Config, class_names: Sequence[str]) -> BuiltModel:
     """Plain CLIP scored with the stage-1 prompts and the same head: the baseline."""
     backbone = load_backbone(cfg.backbone)
-    check_top_k(cfg, backbone.spec)
-    model = _stage1_model(cfg, backbone.clip, class_names, training=False, zero_shot=True)
+    model = ZERO_SHOT.zero_shot(backbone.clip, getattr(cfg, ZERO_SHOT.name), cfg.head,
+                                ClassWords.of(class_names, cfg.data.prompt_names))
     return BuiltModel(model, backbone.spec, backbone.record, None)
 
 
@@ -238,8 +221,7 @@ def with_relpath(record: dict[str, Any] | None, folder: Path) -> dict[str, Any] 
 def checkpoint_meta(cfg: Config, built: BuiltModel, class_names: Sequence[str], preprocess: Preprocess,
                     folder: Path | None = None, **extra: Any) -> dict[str, Any]:
     """The description saved in a checkpoint; ``folder``: where it is saved (for relative paths)."""
-    model = built.model
-    prompts = model.prompts if isinstance(model, EVAModel) else None
+    prompts = built.model.prompts()
     backbone, init = built.backbone, built.init
     if folder is not None:
         backbone, init = with_relpath(backbone, folder), with_relpath(init, folder)
@@ -260,7 +242,7 @@ def checkpoint_meta(cfg: Config, built: BuiltModel, class_names: Sequence[str], 
 
 @dataclass
 class LoadedModel:
-    model: nn.Module
+    model: Stage
     meta: dict[str, Any]
     path: Path
     preprocess: Preprocess
@@ -326,16 +308,14 @@ def load_hub_folder(folder: Path, overrides: Sequence[str] = ()) -> LoadedModel:
                               f"{result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]})")
     cfg = config_from_dict(meta["config"], where=f"{where} (config)")
     class_names = list(meta["class_names"])
-    if meta["stage"] == "eva":
-        model: nn.Module = _stage1_model(cfg, clip, class_names, training=False)
-    else:
-        model = _stage2_model(cfg, clip, class_names)
-        load_trainable(model, {k: v for k, v in tensors.items() if k.startswith("prompt_learner.")}, str(weights))
+    model = build_stage(cfg, clip, class_names)
+    load_into(model.own_state_dict(), {k: v for k, v in tensors.items() if not k.startswith("clip.")}, str(weights))
     return LoadedModel(model.eval(), meta, folder, Preprocess.from_dict(meta["preprocess"]), class_names)
 
 
 # Settings that change how a trained model scores, not what it learned: `eval --set` may override them.
-EVAL_OVERRIDES = ("eva.raw_text_at_eval",)
+EVAL_OVERRIDES = tuple(f"{name}.{key}" for name, stage in STAGES.items()
+                       for key in getattr(stage.settings_type, "EVAL_TIME", ()))
 
 
 def _with_eval_overrides(meta: dict[str, Any], overrides: Sequence[str], where: str) -> dict[str, Any]:
@@ -364,25 +344,32 @@ def load_trained(checkpoint: str | Path, overrides: Sequence[str] = ()) -> Loade
     tensors, meta, path = read_checkpoint(checkpoint)
     meta = _with_eval_overrides(meta, overrides, str(path))
     cfg = config_from_dict(meta["config"], where=f"{path} (recorded config)")
-    class_names = list(meta["class_names"])
-    if meta["stage"] == "eva":
+    backbone = _backbone_for(meta, path)
+    model = build_stage(cfg, backbone.clip, list(meta["class_names"]))
+    load_trainable(model, tensors, str(path))
+    pre = Preprocess.from_dict(meta["preprocess"])
+    return LoadedModel(model.eval(), meta, path, pre, list(meta["class_names"]))
+
+
+def _backbone_for(meta: dict[str, Any], path: Path) -> Backbone:
+    """The CLIP a checkpoint's stage runs on: its recorded backbone, with the checkpoint it builds on (if any)
+    found, verified and loaded in."""
+    base_stage = stage_class(meta["stage"]).builds_on
+    if base_stage is None:
         backbone = backbone_from_record(meta["backbone"], path)
         check_spec(backbone.spec, meta["clip_spec"], str(path))
-        model: nn.Module = _stage1_model(cfg, backbone.clip, class_names, training=False)
-        load_trainable(model, tensors, str(path))
-    else:
-        init = meta.get("init")
-        if not isinstance(init, dict):
-            raise CheckpointError(f"{path}: a stage-2 checkpoint without its stage-1 record (description field init)")
-        init_path, init_sha = resolve_recorded(init, path, "stage-1 checkpoint")
-        stage1 = read_checkpoint(init_path)
-        backbone = backbone_from_record(stage1[1]["backbone"], stage1[2])
-        check_spec(backbone.spec, meta["clip_spec"], str(path))
-        _load_stage1_into(backbone, stage1, init_sha)
-        model = _stage2_model(cfg, backbone.clip, class_names)
-        load_trainable(model, tensors, str(path))
-    pre = Preprocess.from_dict(meta["preprocess"])
-    return LoadedModel(model.eval(), meta, path, pre, class_names)
+        return backbone
+    init = meta.get("init")
+    what = f"stage-{STAGES[base_stage].number} checkpoint"
+    if not isinstance(init, dict):
+        raise CheckpointError(f"{path}: a stage-{STAGES[meta['stage']].number} checkpoint without its {what} "
+                              "record (description field init)")
+    init_path, init_sha = resolve_recorded(init, path, what)
+    base = read_checkpoint(init_path)
+    backbone = backbone_from_record(base[1]["backbone"], base[2])
+    check_spec(backbone.spec, meta["clip_spec"], str(path))
+    _load_base_into(backbone, base, base_stage, init_sha)
+    return backbone
 
 
 def preprocess_from_config(cfg: Config, spec: ClipSpec) -> Preprocess:

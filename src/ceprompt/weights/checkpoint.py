@@ -159,8 +159,8 @@ def _finite_number(value: Any) -> bool:
 
 def validate_meta(meta: dict[str, Any], where: str) -> None:
     """Every field inference relies on, checked once, with one line per problem."""
-    from ..core.config import STAGES
     from ..model.clip import ClipSpec
+    from ..model.stages import STAGES
 
     if meta.get("stage") not in STAGES:
         _fail(where, "stage", f"one of {STAGES}", meta.get("stage"))

@@ -22,18 +22,17 @@ from typing import Any
 
 import torch
 
-from ..core.config import AUTHORS_PROMPT_NAMES, load_config
 from ..core.errors import CheckpointError, ConfigError
 from ..core.io_utils import verified_sha256
 from ..core.owned_dirs import OwnedDir
 from ..data.datasets import class_names_of
+from ..experiment.config import AUTHORS_PROMPT_NAMES, load_config
 from ..model.clip import ClipSpec, get_tokenizer, tokenize
 from ..model.trainable import load_trainable
 from .build import (
     BuiltModel,
-    _load_stage1_into,
-    _stage1_model,
-    _stage2_model,
+    _load_base_into,
+    build_stage,
     checkpoint_meta,
     load_backbone,
     preprocess_from_config,
@@ -217,8 +216,7 @@ def import_official(clip: str | os.PathLike, stage1: str | os.PathLike, dataset:
     owned = OwnedDir(Path(out), "imported model folder", lambda p: (p / "stage1.safetensors").exists(), overwrite,
                      elsewhere="choose another folder with --out")
     owned.plan()
-    cfg1 = load_config(f"{dataset}_stage1", ["compat=authors"])
-    cfg1.backbone.path = str(clip)  # set directly: a path is not read as YAML; a file, folder or name
+    cfg1 = load_config(f"{dataset}_stage1", values={"compat": "authors", "backbone.path": clip})
     backbone = load_backbone(cfg1.backbone)
     spec, weights = backbone.spec, backbone.clip.state_dict()
     classes = class_names_of(dataset)
@@ -272,7 +270,7 @@ def _write(folder: Path, cfg1: Any, backbone: Any, classes: list[str], s1: dict[
            s2: dict[str, torch.Tensor] | None, s2_path: Path | None, dataset: str) -> Imported:
     clip_source = {k: backbone.record[k] for k in ("path", "sha256", "name") if backbone.record.get(k)}
     sources = {"clip": clip_source, "stage1": _source(s1_path)}
-    model1 = _stage1_model(cfg1, backbone.clip, classes, training=False)
+    model1 = build_stage(cfg1, backbone.clip, classes)
     trained = {n for n in model1.trainable_state_dict()}
     tensors1 = {to_open_clip(k): v.float() for k, v in s1.items() if to_open_clip(k) in trained}
     load_trainable(model1, tensors1, str(s1_path))
@@ -286,12 +284,12 @@ def _write(folder: Path, cfg1: Any, backbone: Any, classes: list[str], s1: dict[
         invariant = "prompt_learner.ctx_invariant" in s2
         n_ctx = s2["prompt_learner.ctx"].shape[0]
         depth = 1 + sum(k.startswith("prompt_learner.compound_prompts_text.") for k in s2)
-        cfg2 = load_config(f"{dataset}_stage2", ["compat=authors", f"cat.n_ctx={n_ctx}", f"cat.prompt_depth={depth}",
-                                                 f"cat.invariant_token={str(invariant).lower()}"])
-        cfg2.backbone.init = str(stage1_out)
+        cfg2 = load_config(f"{dataset}_stage2", values={"compat": "authors", "cat.n_ctx": n_ctx,
+                                                        "cat.prompt_depth": depth, "cat.invariant_token": invariant,
+                                                        "backbone.init": stage1_out})
         fresh = load_backbone(cfg1.backbone, sha256=backbone.record["sha256"])
-        init = _load_stage1_into(fresh, read_checkpoint(stage1_out))
-        model2 = _stage2_model(cfg2, fresh.clip, classes)
+        init = _load_base_into(fresh, read_checkpoint(stage1_out), cfg1.stage)
+        model2 = build_stage(cfg2, fresh.clip, classes)
         tensors2 = {}
         for key, value in s2.items():
             name = to_ceprompt_prompt(key) if key.startswith("prompt_learner.") else None

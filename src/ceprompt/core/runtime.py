@@ -1,4 +1,6 @@
-"""Where and how a job runs: device, precision, processes (torchrun), seeds and determinism."""
+"""Where and how a job runs: device, precision and autocast, processes (torchrun), seeds and determinism.
+
+Process infrastructure shared by training, evaluation and inference (below ``api`` and ``engine``)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..core.errors import ConfigError
+from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -36,9 +38,7 @@ class Runtime:
         return self.rank == 0
 
     def autocast(self) -> ContextManager:
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=DTYPES[self.precision])
+        return autocast(self.device, self.precision)
 
     def barrier(self) -> None:
         if self.distributed:
@@ -58,6 +58,13 @@ class Runtime:
         t = torch.tensor(values, dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
         dist.all_reduce(t)
         return t.tolist()
+
+
+def autocast(device: torch.device, precision: str) -> ContextManager:
+    """Autocast to ``precision`` on ``device`` (nothing for fp32)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=DTYPES[precision])
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:

@@ -1,13 +1,16 @@
 """README's configuration reference, generated from the config dataclasses so that it cannot drift: every key,
-its default, what it accepts and the comment beside its field in :mod:`ceprompt.core.config`.
+its default, what it accepts and the comment beside its field, wherever its section is defined (the run's sections
+in :mod:`ceprompt.experiment.config`, ``head``, ``eva`` and ``cat`` beside what they configure in ``model/``).
 
-    python -m ceprompt.core.config_reference            # print the table
-    python -m ceprompt.core.config_reference README.md  # replace the table between its markers
+    python -m ceprompt.experiment.reference            # print the table
+    python -m ceprompt.experiment.reference README.md  # replace the table between its markers
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import io
 import sys
 import tokenize
@@ -15,20 +18,24 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from . import config
+from ..core.config import allows_none, field_choices, field_range
+from .config import Config
 
 START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
 
 
-def _field_comments() -> dict[tuple[str, str], str]:
-    """``(class name, field) -> comment`` from the source: the comment on the field's line and the indented
+@functools.cache
+def _field_comments(source_file: str) -> dict[tuple[str, str], str]:
+    """``(class name, field) -> comment`` from a source file: the comment on the field's line and the indented
     comment lines that continue it."""
-    source = Path(config.__file__).read_text()
+    source = Path(source_file).read_text()
     comments: dict[tuple[str, str], str] = {}
     cls, last = None, None
     lines = source.splitlines()
     for number, line in enumerate(lines):
         stripped = line.strip()
+        if not stripped:
+            last = None  # a comment after a blank line is not the field's
         if line.startswith("class "):
             cls, last = line.split()[1].split("(")[0].rstrip(":"), None
         elif cls and line.startswith("    ") and not line.startswith("     ") and ":" in stripped \
@@ -66,12 +73,17 @@ def _default(value: Any) -> str:
     return str(value)
 
 
-def _accepts(key: str, annotation: Any) -> str:
-    if key in config.RANGES:
-        text = config.RANGES[key].describe()
+def _accepts(f: dataclasses.Field, annotation: Any) -> str:
+    allowed, choices = field_range(f), field_choices(f)
+    if allowed is not None:
+        text = allowed.describe()
         if typing.get_origin(annotation) is list:
             text = f"a list of numbers, each {text.removeprefix('a number ').removeprefix('an integer ')}"
-        return text + (", or null (off)" if key in config.NULLABLE else "")
+        return text + (", or null (off)" if allows_none(annotation) else "")
+    if choices is not None:
+        listed = ", ".join(f"`{c}`" for c in choices)
+        text = f"a list of {listed}" if typing.get_origin(annotation) is list else f"one of {listed}"
+        return text + (", or null" if allows_none(annotation) else "")
     options = typing.get_args(annotation) or (annotation,)
     names = {bool: "true or false", str: "text", int: "an integer", float: "a number"}
     parts = [names.get(o, "a list" if typing.get_origin(o) is list else str(o)) for o in options if o is not type(None)]
@@ -80,24 +92,24 @@ def _accepts(key: str, annotation: Any) -> str:
     return " or ".join(dict.fromkeys(parts))
 
 
+def _comment(cls: type, name: str) -> str:
+    return _field_comments(inspect.getsourcefile(cls)).get((cls.__name__, name), "").replace("|", "\\|")
+
+
 def markdown() -> str:
-    comments = _field_comments()
-    defaults = config.Config()
+    defaults = Config()
     rows = ["| key | default | accepts | meaning |", "|---|---|---|---|"]
-    top = typing.get_type_hints(config.Config)
-    for section in dataclasses.fields(config.Config):
+    top = typing.get_type_hints(Config)
+    for section in dataclasses.fields(Config):
         value = getattr(defaults, section.name)
         if not dataclasses.is_dataclass(value):
-            meaning = comments.get(("Config", section.name), "")
-            rows.append(f"| `{section.name}` | `{_default(value)}` | {_accepts(section.name, top[section.name])} | "
-                        f"{meaning} |")
+            rows.append(f"| `{section.name}` | `{_default(value)}` | {_accepts(section, top[section.name])} | "
+                        f"{_comment(Config, section.name)} |")
             continue
         hints = typing.get_type_hints(type(value))
         for f in dataclasses.fields(value):
-            key = f"{section.name}.{f.name}"
-            meaning = comments.get((type(value).__name__, f.name), "").replace("|", "\\|")
-            rows.append(f"| `{key}` | `{_default(getattr(value, f.name))}` | {_accepts(key, hints[f.name])} | "
-                        f"{meaning} |")
+            rows.append(f"| `{section.name}.{f.name}` | `{_default(getattr(value, f.name))}` | "
+                        f"{_accepts(f, hints[f.name])} | {_comment(type(value), f.name)} |")
     return "\n".join(rows) + "\n"
 
 
