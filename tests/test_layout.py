@@ -11,6 +11,7 @@ LAYERS = {  # each folder and what it may import from the package (besides itsel
     "core": set(),
     "model": {"core"},
     "data": {"core", "model"},
+    "video": {"core", "data"},
     "experiment": {"core", "model", "data"},
     "weights": {"core", "model", "data", "experiment"},
     "engine": {"core", "model", "weights", "data", "experiment"},
@@ -85,5 +86,5 @@ def test_modules_are_small_and_the_root_holds_few() -> None:
         assert lines <= 500, f"{path.relative_to(PKG)} has {lines} lines"
     root = sorted(p.name for p in PKG.glob("*.py"))
     assert len(root) <= 6, root
-    for folder in ("model", "weights", "data", "engine", "verbs", "core", "server", "demo", "experiment"):
+    for folder in ("model", "weights", "data", "engine", "verbs", "core", "server", "demo", "experiment", "video"):
         assert (PKG / folder / "__init__.py").read_text().startswith('"""'), folder  # says what lives there

@@ -18,13 +18,14 @@ import threading
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
 from .core.errors import CepromptError, ConfigError
+from .core.ranges import POSITIVE_INT, check
 from .core.runtime import DTYPES, autocast, resolve_device, resolve_precision
 from .core.schema import read_json
 from .data.class_names import ClassMatch, match_classes
@@ -41,6 +42,8 @@ from .data.faces import (
 from .data.images import open_image
 from .model.head import ScoreOutput, patch_class_similarity
 from .model.towers import store_block_matrices
+from .video.decode import Frame, VideoError, VideoReader
+from .video.tracking import DEFAULT_MEMORY, DEFAULT_SMOOTH, FaceTracks, FrameRecord
 from .weights.build import LoadedModel, load_trained
 
 ImageInput = str | os.PathLike | Image.Image | np.ndarray
@@ -181,23 +184,16 @@ class Recognizer:
         out = self._forward(crops)
         return out.logits.float().cpu().numpy(), out.patches.float().cpu()
 
-    def embed(self, images: Iterable[ImageInput], detect: str = "mtcnn", batch_size: int = 32
+    def embed(self, images: ImageInput | Iterable[ImageInput], detect: str = "mtcnn", batch_size: int = 32
               ) -> list[FaceEmbedding]:
         """Per face, the model's image embedding (the projected class token the global score uses), scaled to unit
-        length: the features of the paper's t-SNE figures. Faces of every image, in order, largest first."""
-        items: list[tuple[int, DetectedFace, Image.Image]] = []
-        for index, image in enumerate(images):
-            items += [(index, face, crop) for face, crop in self.find_faces(self.load_image(image), detect)]
-        out: list[FaceEmbedding] = []
-        for start in range(0, len(items), batch_size):
-            chunk = items[start:start + batch_size]
-            result = self._forward([crop for _, _, crop in chunk])
-            vectors = torch.nn.functional.normalize(result.global_emb.float(), dim=-1).cpu().numpy()
-            scores = result.logits.float().cpu().numpy()
-            for (index, face, _), vector, row in zip(chunk, vectors, scores):
-                label = self.class_names[int(row.argmax())]
-                out.append(FaceEmbedding(index, tuple(round(v, 2) for v in face.box), vector, label))
-        return out
+        length: the features of the paper's t-SNE figures. ``images``: one image (a path, PIL image or array) or
+        several; faces of every image, in order, largest first."""
+        images = [images] if _is_one_image(images) else list(images)
+        results, embeddings = self._predict(images, detect, batch_size)
+        return [FaceEmbedding(index, face.box, vector, face.label)
+                for index, (faces, vectors) in enumerate(zip(results, embeddings))
+                for face, vector in zip(faces, vectors)]
 
     def _results(self, faces: Sequence[DetectedFace], scores: np.ndarray) -> list[FaceResult]:
         logits = scores * self.temperature
@@ -224,8 +220,14 @@ class Recognizer:
         ``on_error="return"`` puts the :class:`~ceprompt.core.errors.CepromptError` of an image that cannot be
         read or searched in that image's place instead of raising, so one bad file loses nothing else.
         """
+        return self._predict(images, detect, batch_size, on_error)[0]
+
+    def _predict(self, images: Iterable[ImageInput], detect: str, batch_size: int, on_error: str = "raise"
+                 ) -> tuple[list[Any], list[list[np.ndarray]]]:
+        """Per image: its faces' results (or its error) and their image embeddings (unit length)."""
         if on_error not in ("raise", "return"):
             raise ConfigError(f"on_error={on_error!r}; expected 'raise' or 'return'")
+        check("batch_size", batch_size, POSITIVE_INT)
         found: list[Any] = []
         for img in images:
             try:
@@ -236,12 +238,24 @@ class Recognizer:
                 found.append(exc)
         flat = [(i, face, crop) for i, faces in enumerate(found) if isinstance(faces, list) for face, crop in faces]
         results: list[Any] = [faces if isinstance(faces, CepromptError) else [] for faces in found]
+        embeddings: list[list[np.ndarray]] = [[] for _ in found]
         for start in range(0, len(flat), batch_size):
             chunk = flat[start:start + batch_size]
-            scores, _ = self._score([crop for _, _, crop in chunk])
-            for (i, _, _), result in zip(chunk, self._results([f for _, f, _ in chunk], scores)):
-                results[i].append(result)
-        return results
+            out = self._forward([crop for _, _, crop in chunk])
+            scores = out.logits.float().cpu().numpy()
+            vectors = torch.nn.functional.normalize(out.global_emb.float(), dim=-1).cpu().numpy()
+            for (i, face, _), row, vector in zip(chunk, scores, vectors):
+                if isinstance(results[i], CepromptError):
+                    continue
+                if not np.isfinite(row).all():  # extreme weights or normalisation: never a result that looks valid
+                    results[i] = CepromptError("the model's scores for a face in this image are not finite (inf or "
+                                               "NaN): its weights or normalisation values are out of range")
+                    if on_error == "raise":
+                        raise results[i]
+                    continue
+                results[i].append(self._results([face], row[None])[0])
+                embeddings[i].append(vector)
+        return results, embeddings
 
     def explain(self, image: ImageInput, detect: str = "mtcnn") -> list[Explanation]:
         """Per face: how much each patch resembles the predicted class (the local score's evidence)."""
@@ -250,6 +264,9 @@ class Recognizer:
             return []
         crops = [crop for _, crop in faces]
         scores, patches = self._score(crops)
+        if not np.isfinite(scores).all():
+            raise CepromptError("the model's scores for a face in this image are not finite (inf or NaN): its weights "
+                                "or normalisation values are out of range")
         results = self._results([f for f, _ in faces], scores)
         sim = patch_class_similarity(patches, self.text_features.cpu())  # (faces, N, C)
         grid = int(round(sim.shape[1] ** 0.5))
@@ -261,12 +278,70 @@ class Recognizer:
             out.append(Explanation(result, crop, heat, s.topk(k).indices.tolist()))
         return out
 
+    # -- video ---------------------------------------------------------------------------------------------------
+
+    def tracker(self, smooth: float = DEFAULT_SMOOTH, memory: float = DEFAULT_MEMORY, detect: str = "mtcnn"
+                ) -> "FaceTracker":
+        """A tracker for frames you decode yourself (a webcam loop, another pipeline): give it each frame with its
+        time; it returns the frame's faces with track ids and smoothed expressions (:class:`FaceTracker`)."""
+        return FaceTracker(self, smooth, memory, detect)
+
+    def predict_video(self, video: str | os.PathLike, stride: int | None = None, fps: float | None = None,
+                      smooth: float = DEFAULT_SMOOTH, memory: float = DEFAULT_MEMORY, detect: str = "mtcnn",
+                      batch_size: int = 32) -> Iterator[FrameRecord]:
+        """The sampled frames of a video, in order, each with its time and its faces: track id, this frame's
+        result and the result smoothed along the track. ``stride``: every N-th frame (default 1); ``fps``: that
+        many frames per second instead. Memory stays constant however long the video is."""
+        for _, record in self.video_frames(video, stride, fps, smooth, memory, detect, batch_size):
+            if record is not None:
+                yield record
+
+    def video_frames(self, video: str | os.PathLike, stride: int | None = None, fps: float | None = None,
+                     smooth: float = DEFAULT_SMOOTH, memory: float = DEFAULT_MEMORY, detect: str = "mtcnn",
+                     batch_size: int = 32, every_frame: bool = False, frames_per_batch: int = 8
+                     ) -> Iterator[tuple[Frame, FrameRecord | None]]:
+        """Every decoded frame (its image only when sampled, or with ``every_frame``) with the record of the sampled
+        ones. Sampled frames are detected and classified ``frames_per_batch`` at a time (their faces in one forward
+        pass); decoding runs ahead in its own thread. A decoding failure (:class:`VideoError`) is raised after the
+        frames before it."""
+        tracks = FaceTracks(self.class_names, smooth, memory)
+        with VideoReader(video, stride, fps, every_frame) as reader:
+            pending: list[Frame] = []
+            try:
+                for frame in reader:
+                    pending.append(frame)
+                    held = sum(f.image.width * f.image.height for f in pending if f.image is not None)
+                    if sum(f.sampled for f in pending) >= frames_per_batch or held > FRAMES_HELD_PIXELS:
+                        yield from self._tracked(pending, tracks, detect, batch_size)
+                        pending = []
+            except VideoError:
+                yield from self._tracked(pending, tracks, detect, batch_size)
+                raise
+            yield from self._tracked(pending, tracks, detect, batch_size)
+
+    def _tracked(self, frames: list[Frame], tracks: FaceTracks, detect: str, batch_size: int
+                 ) -> Iterator[tuple[Frame, FrameRecord | None]]:
+        sampled = [f for f in frames if f.sampled]
+        results, embeddings = self._predict([f.image for f in sampled], detect, batch_size)
+        found = iter(zip(results, embeddings))
+        for frame in frames:
+            record = None
+            if frame.sampled:
+                faces, vectors = next(found)
+                record = FrameRecord(frame.time, tracks.update(frame.time, faces, vectors), frame.index)
+            yield frame, record
+
     @staticmethod
     def load_image(image: ImageInput) -> Image.Image:
         """Upright 8-bit RGB (:func:`ceprompt.data.images.open_image` for paths)."""
         if isinstance(image, (str, os.PathLike)):
             return open_image(image)
         return to_pil(image)
+
+
+def _is_one_image(value: Any) -> bool:
+    """A path, a PIL image or an array is one image; any other iterable holds several."""
+    return isinstance(value, (str, os.PathLike, Image.Image, np.ndarray))
 
 
 def load(checkpoint: str | os.PathLike, device: str = "auto", precision: str = "auto", **kwargs: Any) -> Recognizer:
@@ -319,6 +394,33 @@ def train(config: str | os.PathLike | None = None, resume: str | os.PathLike | N
     metrics_file = run_dir / "eval" / "metrics.json"
     metrics = read_json(metrics_file.read_bytes(), str(metrics_file)) if metrics_file.is_file() else None
     return RunResult(run_dir, cfg.stage, run_dir / "checkpoints" / "best.safetensors", metrics)
+
+
+# Decoded frames a video pass holds while it batches (annotated videos keep the frames between sampled ones): about
+# 200 MB of RGB, a few 4K frames or a batch of 1080p ones.
+FRAMES_HELD_PIXELS = 64_000_000
+
+
+class FaceTracker:
+    """Faces followed over frames you give it, with their times: the recognizer's detection and classification,
+    ceprompt's tracking and smoothing (:mod:`ceprompt.video.tracking`). Times must not go back."""
+
+    def __init__(self, rec: Recognizer, smooth: float = DEFAULT_SMOOTH, memory: float = DEFAULT_MEMORY,
+                 detect: str = "mtcnn") -> None:
+        self.rec, self.detect = rec, detect
+        self.tracks = FaceTracks(rec.class_names, smooth, memory)
+
+    def update(self, image: ImageInput, time: float) -> FrameRecord:
+        """The faces of one frame at ``time`` seconds (a path, PIL image or RGB array)."""
+        return self.update_many([image], [time])[0]
+
+    def update_many(self, images: Sequence[ImageInput], times: Sequence[float]) -> list[FrameRecord]:
+        """Several frames at once (their faces classified in one forward pass), in time order."""
+        if len(images) != len(times):
+            raise ConfigError(f"{len(images)} frames but {len(times)} times")
+        results, embeddings = self.rec._predict(images, self.detect, 32)
+        return [FrameRecord(float(t), self.tracks.update(float(t), faces, vectors))
+                for t, faces, vectors in zip(times, results, embeddings)]
 
 
 class _SharedDetector:

@@ -119,20 +119,28 @@ def run_make_demo_data(args: argparse.Namespace) -> int:
 
 def run_predict(args: argparse.Namespace) -> int:
     from ..api import load
+    from ..core.runtime import setup_runtime, teardown_runtime
     from ..verbs.predict import plan_predict, run_predict
 
     plan = plan_predict(args.inputs, output=args.output, fmt=args.format, annotate_dir=args.annotate,
-                        explain_dir=args.explain, video_stride=args.video_stride, overwrite=args.overwrite)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # the model's notice is printed below, once, without a path
-        rec = load(args.checkpoint, device=args.device, precision=args.precision,
-                   detector_threshold=args.threshold, min_face_size=args.min_face, classes=args.classes,
-                   class_aliases=args.class_alias)
-    for note in (rec.notice, rec.classes_note):
-        if note:
-            print(f"ceprompt predict: note: {note}", file=sys.stderr)
-    failed = run_predict(rec, plan, detect=args.detect, batch_size=args.batch_size, progress=not args.no_progress)
-    if failed:
+                        explain_dir=args.explain, video_stride=args.video_stride, overwrite=args.overwrite,
+                        fps=args.fps, smooth=args.smooth, track_memory=args.track_memory, summary=args.summary,
+                        timeline_dir=args.timeline)
+    rt = setup_runtime(args.device, args.precision)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # the model's notice is printed below, once, without a path
+            rec = load(args.checkpoint, device=str(rt.device), precision=rt.precision,
+                       detector_threshold=args.threshold, min_face_size=args.min_face, classes=args.classes,
+                       class_aliases=args.class_alias)
+        for note in (rec.notice, rec.classes_note) if rt.is_main else ():
+            if note:
+                print(f"ceprompt predict: note: {note}", file=sys.stderr)
+        failed = run_predict(rec, plan, detect=args.detect, batch_size=args.batch_size,
+                             progress=not args.no_progress, rt=rt)
+    finally:
+        teardown_runtime(rt)
+    if failed and rt.is_main:
         print(f"ceprompt predict: {failed} file(s) failed; see the error column", file=sys.stderr)
     return 1 if failed else 0
 

@@ -181,8 +181,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="find faces with MTCNN (default) or take each image as one face crop")
     p.add_argument("--annotate", metavar="DIR", help="write images/videos with boxes and labels here")
     p.add_argument("--explain", metavar="DIR", help="write a heat map of the evidence per face here")
-    p.add_argument("--video-stride", type=arg(POSITIVE_INT), default=5,
-                   help="classify every N-th video frame (default 5)")
+    p.add_argument("--video-stride", type=arg(POSITIVE_INT),
+                   help="classify every N-th video frame (default 5 unless --fps is given)")
+    p.add_argument("--fps", type=arg(Range(0, 1000, lo_open=True)), metavar="F",
+                   help="classify F video frames per second, whatever the source's frame rate")
+    p.add_argument("--smooth", type=arg(Range(0, 3600)), metavar="SECONDS",
+                   help="time constant of the smoothing of each face's expression along its track (default 0.5; "
+                        "0: off); rows keep the frame's own result beside the smoothed one")
+    p.add_argument("--track-memory", type=arg(Range(0, 3600, lo_open=True)), metavar="SECONDS",
+                   help="how long a face hidden or missed keeps its track id (default 3)")
+    p.add_argument("--summary", metavar="FILE",
+                   help="per video and track: times, sampled frames, dominant expression, share of each class, mean "
+                        "probabilities (CSV, or JSON when FILE ends in .json)")
+    p.add_argument("--timeline", metavar="DIR", help="one PNG per video: each track's smoothed expression over time")
     p.add_argument("--batch-size", type=arg(POSITIVE_INT), default=32, help="faces per forward pass (default 32)")
     p.add_argument("--threshold", type=arg(Range(0, 1, lo_open=True)), default=0.9,
                    help="face detector confidence threshold, in (0, 1] (default 0.9)")

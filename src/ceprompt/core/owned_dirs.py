@@ -4,7 +4,8 @@
   folder; anything else (``.``, a dataset, a home directory) is refused, with or without it.
 * A folder being written holds an exclusive lock (``flock`` on :data:`LOCK`) for the life of the
   process, so a second writer (``--resume`` of a run that is still training, ``--overwrite`` of it)
-  is refused with the holder's PID. The lock goes away with the process, even on SIGKILL.
+  is refused with the holder's PID. The lock goes away with the process, even on SIGKILL, and its file
+  with a process that ends normally.
 * Replacing is staged: the old folder is renamed aside, the new one is created, and the old one is
   deleted only when the new one holds a result (:meth:`OwnedDir.commit`); on failure before that the
   new folder is removed and the old one renamed back (:meth:`OwnedDir.rollback`). A process killed
@@ -24,64 +25,25 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from .errors import ConfigError
+from .locks import PathLock, lock_holder
 
 log = logging.getLogger(__name__)
 MARKER = ".ceprompt-run"
 LOCK = ".lock"
 _ASIDE = re.compile(r"^\.(?P<name>.+)\.replaced-(?P<pid>\d+)-\d+$")
 
-try:
-    import fcntl
-except ImportError:  # Windows: no advisory locks; a second writer is not detected there
-    fcntl = None  # type: ignore[assignment]
-
-
-def _holder(fh) -> str | None:  # type: ignore[no-untyped-def]
-    """Take the exclusive lock on an open lock file; None when taken, else the holder's recorded PID."""
-    if fcntl is None:
-        return None
-    try:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        fh.seek(0)
-        return fh.read().strip() or "unknown"
-    return None
-
-
-class DirLock:
-    """An exclusive, non-blocking lock on a folder, released when closed or when the process ends."""
+class DirLock(PathLock):
+    """An exclusive, non-blocking lock on a folder (its :data:`LOCK` file, removed on release), released when closed
+    or when the process ends."""
 
     def __init__(self, folder: Path) -> None:
+        super().__init__(folder / LOCK, str(folder))
         self.folder = folder
-        self.fh = None
-
-    def acquire(self) -> "DirLock":
-        path = self.folder / LOCK
-        fh = open(path, "a+")
-        holder = _holder(fh)
-        if holder is not None:
-            fh.close()
-            raise ConfigError(f"{self.folder}: in use by another ceprompt process (PID {holder}); wait for it "
-                              "to finish or stop it first")
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"{os.getpid()}\n")
-        fh.flush()
-        self.fh = fh
-        return self
-
-    def release(self) -> None:
-        if self.fh is not None:
-            self.fh.close()
-            self.fh = None
 
 
 def is_locked(folder: Path) -> str | None:
     """The PID holding ``folder``'s lock, or None when nobody does."""
-    if not (folder / LOCK).is_file():
-        return None
-    with open(folder / LOCK, "a+") as fh:  # closing the file releases a lock taken here
-        return _holder(fh)
+    return lock_holder(folder / LOCK)
 
 
 def is_owned(folder: Path) -> bool:

@@ -69,14 +69,19 @@ def output_file(path: str | os.PathLike, overwrite: bool = False, option: str = 
     """Check (and prepare the folder of) a file the command will write; nothing is written to it."""
     path = Path(path).expanduser()
     label = f"{option} {path}"
-    if path.is_dir():
+    if "\0" in str(path):
+        raise ConfigError(f"{option}: a file name cannot hold a NUL character")
+    link = path.is_symlink()
+    if path.is_dir() and not link:
         raise ConfigError(f"{label}: is a folder; expected a file name")
-    if path.exists() and not path.is_file():  # a device, a FIFO: --overwrite must never replace one
+    if path.exists() and not link and not path.is_file():  # a device, a FIFO: --overwrite must never replace one
         raise ConfigError(f"{label}: is not a regular file (a device or FIFO); expected a file name")
-    if path.exists() and not overwrite:
-        raise ConfigError(f"{label}: already exists; pass --overwrite or choose another name")
+    if os.path.lexists(path) and not overwrite:  # a symbolic link, even a dangling one, is something the user has
+        raise ConfigError(f"{label}: already exists{' (a symbolic link)' if link else ''}; pass --overwrite (which "
+                          f"replaces {'the link itself, not the file it points to' if link else 'it'}) or choose "
+                          "another name")
     _check_writable_folder(path.parent if str(path.parent) else Path("."), label)
-    if path.exists() and not os.access(path, os.W_OK):
+    if path.exists() and not link and not os.access(path, os.W_OK):
         raise ConfigError(f"{label}: exists and is read-only")
     return path
 

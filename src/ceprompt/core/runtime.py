@@ -52,6 +52,14 @@ class Runtime:
         dist.all_gather_object(out, obj)
         return out
 
+    def gather_to_main(self, obj: Any) -> list[Any] | None:
+        """Every process's ``obj`` on rank 0 (in rank order), None on the others: less traffic than :meth:`gather`."""
+        if not self.distributed:
+            return [obj]
+        out: list[Any] | None = [None] * self.world if self.is_main else None
+        dist.gather_object(obj, out, dst=0)
+        return out
+
     def sum(self, values: list[float]) -> list[float]:
         if not self.distributed:
             return list(values)

@@ -10,6 +10,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 if TYPE_CHECKING:
     from ..api import Explanation, FaceResult
+    from ..video.tracking import TrackedFace
 
 PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
            (70, 240, 240), (240, 50, 230)]
@@ -30,14 +31,18 @@ def annotate(image: Image.Image, faces: Sequence["FaceResult"], class_names: Seq
     font = _font(max(12, round(min(out.size) / 30)))
     for face in faces:
         color = PALETTE[class_names.index(face.label) % len(PALETTE)]
-        x0, y0, x1, y1 = face.box
-        d.rectangle([x0, y0, x1, y1], outline=color, width=width)
-        text = f"{face.label} {face.score:.2f}"
-        left, top, right, bottom = d.textbbox((0, 0), text, font=font)
-        ty = y0 - (bottom - top) - 2 * width if y0 - (bottom - top) - 2 * width > 0 else y1 + width
-        d.rectangle([x0, ty, x0 + right - left + 2 * width, ty + bottom - top + 2 * width], fill=color)
-        d.text((x0 + width, ty + width - top), text, fill=(0, 0, 0), font=font)
+        _label_box(d, face.box, f"{face.label} {face.score:.2f}", color, width, font)
     return out
+
+
+def _label_box(d: ImageDraw.ImageDraw, box: Sequence[float], text: str, color: tuple[int, int, int], width: int,
+               font: ImageFont.ImageFont) -> None:
+    x0, y0, x1, y1 = box
+    d.rectangle([x0, y0, x1, y1], outline=color, width=width)
+    left, top, right, bottom = d.textbbox((0, 0), text, font=font)
+    ty = y0 - (bottom - top) - 2 * width if y0 - (bottom - top) - 2 * width > 0 else y1 + width
+    d.rectangle([x0, ty, x0 + right - left + 2 * width, ty + bottom - top + 2 * width], fill=color)
+    d.text((x0 + width, ty + width - top), text, fill=(0, 0, 0), font=font)
 
 
 def explanation_image(expl: "Explanation", scale: int = 4) -> Image.Image:
@@ -65,7 +70,25 @@ def explanation_image(expl: "Explanation", scale: int = 4) -> Image.Image:
     return canvas
 
 
+
+
+def annotate_tracked(image: Image.Image, faces: Sequence["TrackedFace"], class_names: Sequence[str]) -> Image.Image:
+    """A copy of a video frame with a box and "#track label 0.87" (the smoothed result) over every face."""
+    out = image.convert("RGB").copy()
+    d = ImageDraw.Draw(out)
+    width = max(2, round(min(out.size) / 200))
+    font = _font(max(12, round(min(out.size) / 30)))
+    for face in faces:
+        label = face.smoothed_label
+        _label_box(d, face.face.box, f"#{face.track} {label} {face.smoothed_score:.2f}",
+                   PALETTE[class_names.index(label) % len(PALETTE)], width, font)
+    return out
+
+
 def save_png(image: Image.Image, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
+    """``image`` as a PNG at ``path``, written beside and renamed (a link at ``path`` is replaced, not followed)."""
+    from ..core.io_utils import atomic_write
+
+    with atomic_write(path) as tmp:
+        image.save(tmp, format="PNG")
     return path

@@ -1,36 +1,38 @@
 """``ceprompt predict``: expressions of every face in images, folders and videos.
 
-Output: one row per face (CSV or JSON lines): path, frame (videos), face index, box, label, score,
-one probability per class, detector confidence, and an ``error`` column. A file that cannot be
-read gets one row with its error and the run goes on; the exit status is 1 if any file failed.
+Output: one row per face (CSV or JSON lines, :mod:`.rows`); a video's rows carry each face's time, track id and
+smoothed result. A file that cannot be read gets one row with its error and the run goes on; the exit status is 1
+if any file failed. The work is cut into shares (:mod:`ceprompt.core.shares`): an output file appears only when
+complete, an interrupted run started again skips the shares it finished, and under torchrun the processes divide
+the shares and rank 0 writes one output, the same as a single process's.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import sys
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
-from typing import IO, Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from PIL import Image
 from tqdm import tqdm
 
 from ..api import Explanation, FaceResult, Recognizer
 from ..core.errors import CepromptError, ConfigError
-from ..core.io_utils import spreadsheet_safe
-from ..core.paths import file_stem, output_dir, output_file
+from ..core.outputs import OutputFile, PictureFolder, distinct_outputs
+from ..core.paths import file_stem
 from ..core.ranges import POSITIVE_INT, check
-from ..data.images import IMAGE_SUFFIXES, VIDEO_SUFFIXES, max_pixels
-from .drawing import annotate, explanation_image, save_png
+from ..core.runtime import Runtime
+from ..core.shares import Share, ShareStore, deal, file_costs, job_key, plan_shares
+from ..data.images import IMAGE_SUFFIXES, VIDEO_SUFFIXES
+from .drawing import annotate, explanation_image
+from .predict_video import VideoOptions, predict_video
+from .rows import Record, Writer, error_row, record, write_summary
 
 log = logging.getLogger(__name__)
-# Encoder per annotated-video container (the source's own suffix is kept); webm takes only VP8/VP9/AV1.
-VIDEO_CODECS = {".webm": "libvpx"}
-DEFAULT_VIDEO_CODEC = "mpeg4"
+__all__ = ["PredictPlan", "VideoOptions", "Writer", "expand_inputs", "plan_predict", "run_predict"]
 
 
 def expand_inputs(paths: Sequence[str], suffixes: frozenset[str] = IMAGE_SUFFIXES | VIDEO_SUFFIXES
@@ -52,254 +54,236 @@ class PredictPlan:
     """Inputs and outputs of a predict run, all checked before the model is loaded."""
 
     files: list[Path]
-    output: Path | None  # None: stdout
+    output: OutputFile | None  # None: stdout
     fmt: str
-    annotate_dir: Path | None
-    explain_dir: Path | None
-    video_stride: int
+    annotate: PictureFolder | None
+    explain: PictureFolder | None
+    video: VideoOptions
+    summary: OutputFile | None = None
+    timeline: PictureFolder | None = None
+
+    def folders(self) -> list[PictureFolder]:
+        return [f for f in (self.annotate, self.explain, self.timeline) if f is not None]
 
 
 def plan_predict(inputs: Sequence[str], output: str = "-", fmt: str | None = None, annotate_dir: str | None = None,
-                 explain_dir: str | None = None, video_stride: int = 5, overwrite: bool = False) -> PredictPlan:
-    check("--video-stride", video_stride, POSITIVE_INT)
+                 explain_dir: str | None = None, video_stride: int | None = None, overwrite: bool = False,
+                 fps: float | None = None, smooth: float | None = None, track_memory: float | None = None,
+                 summary: str | None = None, timeline_dir: str | None = None) -> PredictPlan:
+    video = VideoOptions.checked(video_stride, fps, smooth, track_memory)
     fmt = fmt or ("jsonl" if output.endswith((".jsonl", ".json")) else "csv")
     if fmt not in ("csv", "jsonl"):
         raise ConfigError(f"--format {fmt!r}: expected csv or jsonl")
+    distinct_outputs(("--output", output), ("--summary", summary))
     files = expand_inputs(inputs)
     if not files:
         raise ConfigError(f"no images or videos found in {list(inputs)}")
-    out = None if output == "-" else output_file(output, overwrite, "--output")
+    out = None if output == "-" else OutputFile(output, overwrite, "--output")
     # pictures are named after the inputs: a folder with files in it could hold an earlier run's, which this run
     # would replace one by one
-    ann = output_dir(annotate_dir, "--annotate", must_be_empty=True, overwrite=overwrite) if annotate_dir else None
-    expl = output_dir(explain_dir, "--explain", must_be_empty=True, overwrite=overwrite) if explain_dir else None
-    return PredictPlan(files, out, fmt, ann, expl, video_stride)
+    folders = [PictureFolder(path, option, overwrite) if path else None
+               for path, option in ((annotate_dir, "--annotate"), (explain_dir, "--explain"),
+                                    (timeline_dir, "--timeline"))]
+    return PredictPlan(files, out, fmt, folders[0], folders[1], video,
+                       OutputFile(summary, overwrite, "--summary") if summary else None, folders[2])
 
 
-@dataclass
-class Row:
-    path: str
-    frame: int | None
-    face: int | None
-    result: FaceResult | None
-    error: str = ""
-
-
-class Writer:
-    """CSV or JSON lines, to a file or stdout."""
-
-    def __init__(self, fh: IO[str], fmt: str, class_names: Sequence[str]) -> None:
-        self.fh, self.fmt, self.class_names = fh, fmt, list(class_names)
-        self.columns = ["path", "frame", "face", "x0", "y0", "x1", "y1", "label", "score",
-                        *[f"prob_{c}" for c in self.class_names], "detector_confidence", "error"]
-        self.csv = csv.writer(fh) if fmt == "csv" else None
-        if self.csv:
-            self.csv.writerow([spreadsheet_safe(c) for c in self.columns])
-
-    def write(self, row: Row) -> None:
-        r = row.result
-        record: dict[str, Any] = {"path": row.path, "frame": row.frame, "face": row.face}
-        if r is not None:
-            record.update(zip(("x0", "y0", "x1", "y1"), r.box))
-            record.update(label=r.label, score=round(r.score, 6))
-            record.update({f"prob_{c}": round(r.probabilities[c], 6) for c in self.class_names})
-            record["detector_confidence"] = None if r.detector_confidence is None else round(r.detector_confidence, 6)
-        record["error"] = row.error
-        if self.csv:
-            self.csv.writerow(["" if record.get(c) is None else spreadsheet_safe(record.get(c)) for c in self.columns])
-        else:
-            if r is not None:
-                record["landmarks"] = r.landmarks
-            self.fh.write(json.dumps(record) + "\n")
-        self.fh.flush()
-
-
-def _video_frames(path: Path, stride: int, every_frame: bool) -> Iterator[tuple[int, Image.Image, bool, Any]]:
-    """(index, frame, sampled, rate): every ``stride``-th frame is ``sampled``; the others are decoded (the
-    codec needs them) but only converted to images when ``every_frame`` (annotated videos)."""
-    try:
-        import av
-    except ImportError:
-        raise CepromptError("reading videos needs PyAV: pip install 'ceprompt[video]'") from None
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise CepromptError("no video stream")
-            stream = container.streams.video[0]
-            width, height, limit = stream.codec_context.width or 0, stream.codec_context.height or 0, max_pixels()
-            if width * height > limit:  # the same limit as for images, from the header, before any frame
-                raise CepromptError(f"{width}x{height} frames are {width * height:,} pixels, over the limit of "
-                                    f"{limit:,} (raise it with --max-pixels or $CEPROMPT_MAX_PIXELS)")
-            rate = stream.average_rate or stream.guessed_rate or Fraction(25)
-            for i, frame in enumerate(container.decode(video=0)):
-                sampled = i % stride == 0
-                if sampled or every_frame:
-                    yield i, frame.to_image(), sampled, rate
-    except CepromptError:
-        raise
-    except Exception as exc:  # PyAV raises its own error types for undecodable input
-        raise CepromptError(f"cannot decode video ({str(exc).splitlines()[0][:160]})") from None
-
-
-class VideoWriter:
-    """Annotated frames at the source's frame rate, in a container of the source's type."""
-
-    def __init__(self, path: Path) -> None:
-        import av
-
-        self.path = path
-        self.container = av.open(str(path), mode="w")
-        self.stream = None
-
-    def write(self, image: Image.Image, rate: Any) -> None:
-        import av
-
-        if self.stream is None:
-            codec = VIDEO_CODECS.get(self.path.suffix.lower(), DEFAULT_VIDEO_CODEC)
-            self.stream = self.container.add_stream(codec, rate=Fraction(rate).limit_denominator(65535))
-            self.stream.width, self.stream.height = image.width - image.width % 2, image.height - image.height % 2
-            self.stream.pix_fmt = "yuv420p"
-        frame = av.VideoFrame.from_image(image.crop((0, 0, self.stream.width, self.stream.height)))
-        for packet in self.stream.encode(frame):
-            self.container.mux(packet)
-
-    def close(self) -> None:
-        if self.stream is not None:
-            for packet in self.stream.encode():
-                self.container.mux(packet)
-        self.container.close()
-
-
-def _stem(root_index: int, path: Path) -> str:
-    return f"{root_index:05d}_{file_stem(path.stem)}"
-
-
-def _open_output(plan: PredictPlan) -> IO[str]:
-    # File names that are not UTF-8 (bytes kept by Python as surrogates) are written back as the same bytes.
-    if plan.output is None:
-        if hasattr(sys.stdout, "reconfigure"):
-            sys.stdout.reconfigure(errors="surrogateescape")
-        return sys.stdout
-    return open(plan.output, "w", newline="", encoding="utf-8", errors="surrogateescape")
+def _stem(index: int, path: Path) -> str:
+    return f"{index:05d}_{file_stem(path.stem)}"
 
 
 def run_predict(rec: Recognizer, plan: PredictPlan, detect: str = "mtcnn", batch_size: int = 32,
-                progress: bool = True) -> int:
-    """Predict over the plan's files; returns the number of files that failed."""
+                progress: bool = True, rt: Runtime | None = None) -> int:
+    """Predict over the plan's files; returns the number of files that failed (on every process)."""
     check("--batch-size", batch_size, POSITIVE_INT)
-    existed = plan.output is not None and plan.output.exists()
+    rt = rt or Runtime(rec.device, rec.precision)
+    if plan.output is None and rt.distributed:
+        raise ConfigError("under torchrun, give --output FILE: rank 0 writes it from every process's shares")
+    claims = [c for c in (plan.output, plan.summary) if c is not None] if rt.is_main else []
+    claims += plan.folders() if rt.is_main else []
     try:
-        fh = _open_output(plan)
-        return _predict_all(rec, plan, fh, detect, batch_size, progress)
-    except OSError as exc:  # a full disk, a closed pipe: one line, and no partial file left to block a rerun
-        if plan.output is not None and not existed:
-            plan.output.unlink(missing_ok=True)
-        where = plan.output or "standard output"
-        raise CepromptError(f"{where}: cannot write the results ({exc.strerror or exc})") from None
+        for claim in claims:
+            claim.claim()
+        for folder in plan.folders() if not rt.is_main else []:
+            folder.join()  # rank 0 holds the folders; the other processes write their pictures into them
+        job = _Job(rec, plan, detect, batch_size, progress and rt.is_main)
+        failed = job.to_stdout() if plan.output is None else job.to_file(rt)
+        for folder in plan.folders() if rt.is_main else []:
+            folder.finish()
+        return failed
+    finally:
+        for claim in claims:
+            claim.release()
 
 
-def _predict_all(rec: Recognizer, plan: PredictPlan, fh: IO[str], detect: str, batch_size: int,
-                 progress: bool) -> int:
-    files = plan.files
-    writer = Writer(fh, plan.fmt, rec.class_names)
-    failed = 0
-    bar = tqdm(total=len(files), disable=not progress, unit="file", desc="predict", dynamic_ncols=True, file=sys.stderr)
-    pending: list[tuple[int, Path, Image.Image]] = []  # images waiting to be classified together
+class _Job:
+    def __init__(self, rec: Recognizer, plan: PredictPlan, detect: str, batch_size: int, progress: bool) -> None:
+        self.rec, self.plan, self.detect, self.batch_size, self.progress = rec, plan, detect, batch_size, progress
+        videos = [p.suffix.lower() in VIDEO_SUFFIXES for p in plan.files]
+        self.shares = plan_shares(file_costs(plan.files), videos, batch_size)
 
-    def fail(path: Path, exc: CepromptError) -> None:
-        nonlocal failed
-        failed += 1
-        writer.write(Row(str(path), None, None, None, error=str(exc).removeprefix(f"{path}: ")))
-        log.warning("%s", str(exc) if str(exc).startswith(str(path)) else f"{path}: {exc}")
-
-    def explain_or_error(image: Image.Image) -> list[Explanation] | CepromptError:
-        try:
-            return rec.explain(image, detect=detect)
-        except CepromptError as exc:
-            return exc
-
-    def flush() -> None:
-        images = [im for _, _, im in pending]
-        if plan.explain_dir:  # an explanation carries its face's result: detect and score each image once
-            explained = [explain_or_error(im) for im in images]
-            found = [e if isinstance(e, CepromptError) else [x.face for x in e] for e in explained]
-        else:
-            found = rec.predict_batch(images, detect, batch_size, on_error="return")
-            explained = [[] for _ in images]
-        for (index, path, image), results, expl in zip(pending, found, explained):
+    def key(self) -> str:
+        files = []
+        for path in self.plan.files:
             try:
-                if isinstance(results, CepromptError):
-                    raise results
-                _write_image(rec, index, path, image, results, expl, writer, plan)
-            except CepromptError as exc:
-                fail(path, exc)
-        bar.update(len(pending))
-        pending.clear()
+                st = path.stat()
+                files.append((str(path), st.st_size, st.st_mtime_ns))
+            except OSError:
+                files.append((str(path), None, None))
+        rec = self.rec
+        return job_key(files=files, model=str(rec.checkpoint), meta=rec.meta.get("ceprompt_version"),
+                       classes=rec.class_names, precision=rec.precision, detect=self.detect, batch=self.batch_size,
+                       fmt=self.plan.fmt, video=self.plan.video, folders=[str(f.path) for f in self.plan.folders()],
+                       timeline=bool(self.plan.timeline), explain=bool(self.plan.explain))
 
-    try:
-        for index, path in enumerate(files):
-            suffix = path.suffix.lower()
+    def to_stdout(self) -> int:
+        if hasattr(sys.stdout, "reconfigure"):  # file names that are not UTF-8 are written back as the same bytes
+            sys.stdout.reconfigure(errors="surrogateescape")
+        writer = Writer(sys.stdout, self.plan.fmt, self.rec.class_names)
+        summaries: list[Record] = []
+        failed: set[str] = set()
+        try:
+            with self._bar(len(self.shares)) as bar:
+                for share in self.shares:
+                    for row in self._rows(share, summaries.append):
+                        if row["error"]:
+                            failed.add(row["path"])
+                        writer.write(row)
+                    writer.flush()
+                    bar.update(1)
+        except OSError as exc:  # a closed pipe, a full disk
+            raise CepromptError(f"standard output: cannot write the results ({exc.strerror or exc})") from None
+        self._write_summary(summaries)
+        return len(failed)
+
+    def to_file(self, rt: Runtime) -> int:
+        assert self.plan.output is not None
+        store = ShareStore(self.plan.output.path, self.key() if rt.is_main else "", ".jsonl")
+        store.key = rt.gather(store.key)[0]  # rank 0's fingerprint: every process reads the same inputs
+        store.open(rt)
+        dealt = deal(self.shares, rt.world)
+        todo = [s for s in dealt[rt.rank] if not store.done(s)]
+        with self._bar(len(todo)) as bar:
+            for share in todo:
+                with store.writing(share) as tmp, open(tmp, "w", encoding="utf-8", errors="surrogateescape") as fh:
+                    for row in self._rows(share, lambda s: fh.write(json.dumps({"summary": s}) + "\n")):
+                        fh.write(json.dumps(row) + "\n")
+                bar.update(1)
+        parts = store.collect(rt, dealt)
+        failed = 0
+        if rt.is_main:
+            failed = self._merge(parts)
+            store.remove()
+        return int(rt.gather(failed)[0])
+
+    def _merge(self, parts: list[Path]) -> int:
+        """The output (and summary) from the finished shares, in order; the number of files with an error."""
+        failed: set[str] = set()
+        summaries: list[Record] = []
+
+        def rows() -> Iterator[Record]:
+            for part in parts:
+                with open(part, encoding="utf-8", errors="surrogateescape") as fh:
+                    for line in fh:
+                        item = json.loads(line)
+                        if "summary" in item:
+                            summaries.append(item["summary"])
+                            continue
+                        if item["error"]:
+                            failed.add(item["path"])
+                        yield item
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
+                writer = Writer(fh, self.plan.fmt, self.rec.class_names)
+                for row in rows():
+                    writer.write(row)
+
+        assert self.plan.output is not None
+        try:
+            self.plan.output.write_with(write)
+        except OSError as exc:  # a full disk: one line, and no partial file left to block a rerun
+            raise CepromptError(f"{self.plan.output.path}: cannot write the results ({exc.strerror or exc})") from None
+        self._write_summary(summaries)
+        return len(failed)
+
+    def _write_summary(self, summaries: list[Record]) -> None:
+        summary = self.plan.summary
+        if summary is None:
+            return
+        fmt = "json" if summary.path.suffix.lower() == ".json" else "csv"
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
+                write_summary(summaries, self.rec.class_names, fh, fmt)
+        try:
+            summary.write_with(write)
+        except OSError as exc:
+            raise CepromptError(f"{summary.path}: cannot write the summary ({exc.strerror or exc})") from None
+
+    def _bar(self, total: int) -> Any:
+        return tqdm(total=total, disable=not self.progress, unit="share", desc="predict", dynamic_ncols=True,
+                    file=sys.stderr)
+
+    # -- one share ----------------------------------------------------------------------------------------------
+
+    def _rows(self, share: Share, summary: Callable[[Record], object]) -> Iterator[Record]:
+        """The rows of one share, in input order; every file's failure is its own error row."""
+        files = [(i, self.plan.files[i]) for i in share.items]
+        if len(files) == 1 and files[0][1].suffix.lower() in VIDEO_SUFFIXES:
+            index, path = files[0]
+            plan = self.plan
+            yield from predict_video(self.rec, index, path, plan.video, self.detect, self.batch_size, plan.annotate,
+                                     plan.timeline, summary if plan.summary else None)
+            return
+        loaded: list[tuple[int, Path, Image.Image | CepromptError]] = []
+        for index, path in files:
             try:
                 if not path.is_file():
                     raise CepromptError("no such file" if not path.exists() else "not a regular file")
-                if suffix in IMAGE_SUFFIXES:
-                    pending.append((index, path, rec.load_image(path)))
-                    if len(pending) >= batch_size:
-                        flush()
-                    continue
-                if suffix not in VIDEO_SUFFIXES:
-                    raise CepromptError(f"unsupported file type {suffix or '(none)'}; expected an image "
-                                        f"({', '.join(sorted(IMAGE_SUFFIXES))}) or a video "
+                if path.suffix.lower() not in IMAGE_SUFFIXES:
+                    raise CepromptError(f"unsupported file type {path.suffix.lower() or '(none)'}; expected an "
+                                        f"image ({', '.join(sorted(IMAGE_SUFFIXES))}) or a video "
                                         f"({', '.join(sorted(VIDEO_SUFFIXES))})")
-                _predict_video(rec, index, path, writer, detect, plan)
+                loaded.append((index, path, self.rec.load_image(path)))
             except CepromptError as exc:
-                fail(path, exc)
-            bar.update(1)
-        flush()
-    finally:
-        bar.close()
-        if fh is not sys.stdout:
-            fh.close()
-    return failed
+                loaded.append((index, path, exc))
+        images = [item for item in loaded if not isinstance(item[2], CepromptError)]
+        found, explained = self._faces([image for _, _, image in images])
+        results = {index: (faces, expl) for (index, _, _), faces, expl in zip(images, found, explained)}
+        for index, path, image in loaded:
+            try:
+                if isinstance(image, CepromptError):
+                    raise image
+                faces, expl = results[index]
+                if isinstance(faces, CepromptError):
+                    raise faces
+                yield from self._image_rows(index, path, image, faces, expl)
+            except CepromptError as exc:
+                yield error_row(path, exc)
 
+    def _faces(self, images: list[Image.Image]) -> tuple[list[Any], list[list[Explanation]]]:
+        if not self.plan.explain:
+            return self.rec.predict_batch(images, self.detect, self.batch_size, on_error="return"), [[]] * len(images)
+        found, explained = [], []
+        for image in images:  # an explanation carries its face's result: detect and score each image once
+            try:
+                expl = self.rec.explain(image, detect=self.detect)
+                found.append([x.face for x in expl])
+                explained.append(expl)
+            except CepromptError as exc:
+                found.append(exc)
+                explained.append([])
+        return found, explained
 
-def _save(image: Image.Image, path: Path) -> None:
-    try:
-        save_png(image, path)
-    except OSError as exc:
-        raise CepromptError(f"cannot write {path} ({exc.strerror or exc})") from None
-
-
-def _write_image(rec: Recognizer, index: int, path: Path, image: Image.Image, results: list[FaceResult],
-                 explanations: list[Explanation], writer: Writer, plan: PredictPlan) -> None:
-    if not results:
-        writer.write(Row(str(path), None, None, None))  # no face: a row with empty fields, not an error
-    for j, r in enumerate(results):
-        writer.write(Row(str(path), None, j, r))
-    if plan.annotate_dir:
-        _save(annotate(image, results, rec.class_names), plan.annotate_dir / f"{_stem(index, path)}.png")
-    if plan.explain_dir:
-        for j, expl in enumerate(explanations):
-            _save(explanation_image(expl), plan.explain_dir / f"{_stem(index, path)}_face{j}.png")
-
-
-def _predict_video(rec: Recognizer, index: int, path: Path, writer: Writer, detect: str, plan: PredictPlan) -> None:
-    target = plan.annotate_dir / f"{_stem(index, path)}{path.suffix.lower()}" if plan.annotate_dir else None
-    video = None
-    latest: list[FaceResult] = []
-    any_face = False
-    try:
-        for i, frame, sampled, rate in _video_frames(path, plan.video_stride, every_frame=target is not None):
-            if sampled:
-                latest = rec.predict(frame, detect=detect)
-                any_face = any_face or bool(latest)
-                for j, r in enumerate(latest):
-                    writer.write(Row(str(path), i, j, r))
-            if target is not None:
-                video = video or VideoWriter(target)
-                video.write(annotate(frame, latest, rec.class_names), rate)
-    finally:
-        if video is not None:
-            video.close()
-    if not any_face:
-        writer.write(Row(str(path), None, None, None))  # like an image without faces: one empty row
+    def _image_rows(self, index: int, path: Path, image: Image.Image, results: list[FaceResult],
+                    explanations: list[Explanation]) -> Iterator[Record]:
+        if not results:
+            yield record(str(path))  # no face: a row with empty fields, not an error
+        for j, r in enumerate(results):
+            yield record(str(path), r, face=j)
+        if self.plan.annotate:
+            self.plan.annotate.save(f"{_stem(index, path)}.png", annotate(image, results, self.rec.class_names))
+        if self.plan.explain:
+            for j, expl in enumerate(explanations):
+                self.plan.explain.save(f"{_stem(index, path)}_face{j}.png", explanation_image(expl))
