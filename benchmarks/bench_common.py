@@ -11,10 +11,10 @@ from typing import Callable
 
 import torch
 
-from ceprompt.model.cat import CATModel
 from ceprompt.model.clip import build_clip, get_arch
-from ceprompt.model.eva import EVAModel
 from ceprompt.model.head import HeadConfig
+from ceprompt.model.stage import BuildOptions, ClassWords, Stage, TrainBatch
+from ceprompt.model.stages import stage_class
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["surprise", "fear", "disgust", "happy", "sad", "anger", "neutral"]
@@ -76,22 +76,32 @@ def head_for(arch: str) -> HeadConfig:
     return HeadConfig(top_k=min(16, get_arch(arch).num_patches))
 
 
-def batch_for(arch: str, n: int, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def batch_for(arch: str, n: int, device: str) -> TrainBatch:
+    """A training batch; each image its own repeatable view (sample i, not flipped) for the teacher cache."""
     size = get_arch(arch).image_size
     g = torch.Generator().manual_seed(0)
     images = torch.randn(n, 3, size, size, generator=g).to(device)
     labels = torch.randint(0, len(CLASSES), (n,), generator=g).to(device)
-    views = torch.arange(n, device=device) * 2  # each image its own repeatable view
-    return images, labels, views
+    return TrainBatch(images, labels, torch.arange(n), torch.zeros(n, dtype=torch.long))
 
 
-def stage1_model(arch: str, device: str, kd_weight: float = 1.0) -> EVAModel:
-    return EVAModel(build_clip(arch, seed=0), CLASSES, head=head_for(arch), kd_weight=kd_weight).to(device)
+def stage_model(name: str, arch: str, device: str, training: bool = True, grad_checkpointing: bool = False,
+                teacher_cache: bool = True, **settings) -> Stage:
+    """A stage of the registry on random weights of ``arch``, built as the trainer builds it."""
+    cls = stage_class(name)
+    section = cls.settings_type(**settings)
+    section.fill_compat(authors=False)
+    options = BuildOptions(training=training, grad_checkpointing=grad_checkpointing, teacher_cache=teacher_cache)
+    return cls.build(build_clip(arch, seed=0), section, head_for(arch), ClassWords.of(CLASSES), options).to(device)
 
 
-def stage2_model(arch: str, device: str) -> CATModel:
+def stage1_model(arch: str, device: str, kd_weight: float = 1.0, **options) -> Stage:
+    return stage_model("eva", arch, device, training=kd_weight > 0, kd_weight=kd_weight, **options)
+
+
+def stage2_model(arch: str, device: str, **options) -> Stage:
     depth = min(9, get_arch(arch).vision_layers, get_arch(arch).text_layers)
-    return CATModel(build_clip(arch, seed=0), CLASSES, head=head_for(arch), prompt_depth=depth).to(device)
+    return stage_model("cat", arch, device, prompt_depth=depth, **options)
 
 
 # A process that keeps one core busy (a shared machine) and ends with the benchmark that started it, even when

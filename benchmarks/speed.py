@@ -41,9 +41,9 @@ import torch.nn.functional as F
 
 from ceprompt.core.runtime import auto_precision
 from ceprompt.model.clip import build_clip, tokenize
-from ceprompt.model.eva import EVAModel
 from ceprompt.model.head import emotion_scores
 from ceprompt.model.prompts import DEFAULT_TEMPLATE, class_prompts
+from ceprompt.model.stage import TrainBatch
 from ceprompt.model.towers import run_blocks, vision_embed, vision_project
 
 from bench_common import (
@@ -70,7 +70,7 @@ def bare_tower(arch: str, n: int, steps: int, device: str) -> dict[str, float]:
     clip = build_clip(arch, seed=0).to(device).eval()
     cases = {}
     for batch, repeat in ((n, 1), (1, 3)):
-        images = batch_for(arch, batch, device)[0]
+        images = batch_for(arch, batch, device).images
         for precision in PRECISIONS:
             def run(precision: str = precision, images: torch.Tensor = images, repeat: int = repeat) -> None:
                 with torch.no_grad(), autocast(device, precision):
@@ -85,21 +85,20 @@ def train_steps(stage: str, arch: str, n: int, steps: int, device: str, precisio
     """img/s of an optimiser step per precision (taking turns), set up as the trainer sets it up; on a GPU also
     ``"<precision> peak GiB"``, the step's peak memory."""
     if stage == "stage-1":
-        model = stage1_model(arch, device).train()
-        if teacher_cache:
-            model.enable_teacher_cache(2 * n)
+        model = stage1_model(arch, device, teacher_cache=teacher_cache).train()
         opt = torch.optim.AdamW(model.param_groups(1e-5, 5e-4, 0.65), lr=1e-5, fused=True)
     else:
         model = stage2_model(arch, device).train()
-        opt = torch.optim.SGD(model.prompt_learner.parameters(), lr=2e-3, momentum=0.9)
+        opt = torch.optim.SGD(model.param_groups(2e-3, 5e-4, 1.0), lr=2e-3, momentum=0.9)
+    model.start_training(n)
     if compiled:
         from ceprompt.engine.train import compile_blocks
         compile_blocks(model)
-    images, labels, views = batch_for(arch, n, device)
+    batch = batch_for(arch, n, device)
 
     def step(precision: str) -> None:
         with autocast(device, precision):
-            out = model(images, labels, views=views if teacher_cache else None)
+            out = model(batch)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         opt.step()
@@ -128,7 +127,8 @@ def naive_stage1_step(arch: str, n: int, steps: int, device: str) -> float:
         p.requires_grad_(True)
     tokens = tokenize(class_prompts(DEFAULT_TEMPLATE, CLASSES), student.positional_embedding.shape[0]).to(device)
     opt = torch.optim.AdamW(trainable, lr=1e-5)
-    images, labels, _ = batch_for(arch, n, device)
+    batch = batch_for(arch, n, device)
+    images, labels = batch.images, batch.labels
     head = head_for(arch)
 
     def step() -> None:
@@ -148,11 +148,11 @@ def naive_stage1_step(arch: str, n: int, steps: int, device: str) -> float:
 def naive_text_features(model: torch.nn.Module) -> torch.Tensor:
     """The class text embeddings as the reference computes them: the full 77-token text tower."""
     clip = model.clip
-    if isinstance(model, EVAModel):
-        tokens = tokenize(model.prompts, clip.positional_embedding.shape[0]).to(clip.token_embedding.weight.device)
+    if model.prompts() is not None:  # fixed prompts (stage 1)
+        tokens = tokenize(model.prompts(), clip.positional_embedding.shape[0]).to(clip.token_embedding.weight.device)
         return F.normalize(clip.encode_text(tokens), dim=-1)
     pl = model.prompt_learner
-    x = pl.text_embeddings() + clip.positional_embedding
+    x = pl.text_embeddings(pl.token_embeds) + clip.positional_embedding
     x = clip.ln_final(run_blocks(clip.transformer.resblocks, x, attn_mask=clip.attn_mask, hook=pl.text_hook))
     eot = x[torch.arange(x.shape[0]), pl.token_ids.argmax(dim=-1)]
     return F.normalize(eot @ clip.text_projection, dim=-1)
@@ -162,7 +162,7 @@ def evaluations(model: torch.nn.Module, arch: str, n: int, passes: int, device: 
     """A pass over 4 batches in fp32, bf16 and the naive fp32 loop, taking turns. ceprompt encodes the class
     text once per pass (stage 1: once per run, cached); the naive loop encodes it in full for every batch."""
     model = model.eval()
-    images = batch_for(arch, n, device)[0]
+    images = batch_for(arch, n, device).images
 
     def one_pass(precision: str, naive: bool) -> None:
         with torch.no_grad(), autocast(device, precision):
@@ -184,12 +184,12 @@ def resident_mib(field: str) -> float:
 
 def memory_case(arch: str, n: int, checkpointing: bool) -> dict[str, float]:
     """Run in a child process: one stage-1 step; the process's peak and its resident set before."""
-    model = EVAModel(build_clip(arch, seed=0), CLASSES, head=head_for(arch), grad_checkpointing=checkpointing)
+    model = stage1_model(arch, "cpu", grad_checkpointing=checkpointing)
     opt = torch.optim.AdamW(model.param_groups(1e-5, 5e-4, 0.65), lr=1e-5, fused=True)  # as the trainer
-    images, labels, _ = batch_for(arch, n, "cpu")
+    batch = batch_for(arch, n, "cpu")
     model.train()
     before = resident_mib("VmRSS")
-    out = model(images, labels)
+    out = model(TrainBatch(batch.images, batch.labels))
     out.loss.backward()
     opt.step()
     peak = resident_mib("VmHWM")

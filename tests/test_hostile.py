@@ -168,7 +168,7 @@ def test_slow_headers_and_too_many_connections_are_dropped() -> None:
     pytest.importorskip("uvicorn")
     from ceprompt.server.limits import guarded_protocol
 
-    server, port = _start_server(guarded_protocol(max_connections=3, header_timeout=1.0))
+    server, port = _start_server(guarded_protocol(max_connections=3, header_timeout=1.0)[0])
     try:
         trickle = socket.create_connection(("127.0.0.1", port))
         trickle.sendall(b"GET / HT")  # headers that never complete

@@ -43,13 +43,13 @@ def images() -> dict[str, bytes]:
 
 
 @contextlib.contextmanager
-def running_server(checkpoint: Path):
+def running_server(checkpoint: Path, *extra: str):
     """``ceprompt serve`` on a free loopback port, as a user starts it (upload limit 1 MB)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "ceprompt", "serve", str(checkpoint), "--port", str(port),
-                             "--max-upload-mb", "1", "--device", "cpu"],
+                             "--max-upload-mb", "1", "--device", "cpu", *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
@@ -348,3 +348,135 @@ def test_class_names_cannot_inject_script_into_the_page(runs, images: dict[str, 
             assert payload in page.locator("#model").inner_text()
             assert page.locator("#notice").is_visible() and payload in page.locator("#notice").inner_text()
             browser.close()
+
+
+@needs_browser
+def test_live_camera_page_follows_faces_in_headless_chromium(runs, tmp_path: Path) -> None:
+    """Chromium's fake camera plays a clip of two real faces swinging side by side; the page sends its frames over
+    the WebSocket and draws boxes with track ids that keep their ids over the clip; a closed tab ends its session."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    from videos import scene, swinging, write_y4m
+
+    n = 40
+    left, right = swinging((40, 40), 30, n), swinging((300, 160), 30, n, phase=3.14159)
+    clip = write_y4m(tmp_path / "clip.y4m", scene(n, (480, 360), [lambda i: left[i], lambda i: right[i]]))
+    with running_server(runs["s2"]) as url:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+                *CHROMIUM_ARGS, "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+                f"--use-file-for-fake-video-capture={clip}"])
+            page = browser.new_page()
+            page.goto(url + "/")
+            page.wait_for_function("document.getElementById('model').textContent.includes('classes')")
+            page.click("#camera")
+            seen: list[list[str]] = []
+            for answer in range(3, 15, 2):  # the track ids of several answers, over more than a loop of the clip
+                page.wait_for_function("n => document.getElementById('live-info').textContent.includes('answer ' + n)",
+                                       arg=answer, timeout=60_000)
+                seen.append(sorted(t.split(":")[0] for t in page.locator(".face-label").all_inner_texts()))
+            drawn = page.evaluate("""() => { const c = document.getElementById('overlay');
+                const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+                let n = 0; for (let i = 3; i < d.length; i += 4) if (d[i] > 0) n++; return n; }""")
+            assert seen == [["Track 1", "Track 2"]] * len(seen), seen
+            assert drawn > 500  # boxes and labels over the live picture
+            assert httpx.get(url + "/api/info").json()["live"]["sessions"] == 1
+            page.close()
+            deadline = time.time() + 30
+            while httpx.get(url + "/api/info").json()["live"]["sessions"] and time.time() < deadline:
+                time.sleep(0.2)
+            assert httpx.get(url + "/api/info").json()["live"]["sessions"] == 0  # the closed tab ended its session
+            browser.close()
+
+
+def faces_tiled(n: int) -> bytes:
+    """One photo holding ``n`` real faces (the astronaut's head, tiled)."""
+    from videos import head
+
+    face = head(96)
+    columns = 4
+    image = Image.new("RGB", (columns * 110, -(-n // columns) * 130), (120, 130, 140))
+    for i in range(n):
+        image.paste(face, ((i % columns) * 110 + 7, (i // columns) * 130 + 5))
+    return png_bytes(image)
+
+
+def test_work_per_request_is_bounded_and_concurrent_requests_share_forward_passes(runs) -> None:
+    """Faces per upload capped (the largest kept, the rest counted), explanations drawn for a bounded number, and
+    requests that arrive together classified together."""
+    with running_server(runs["s2"], "--max-faces", "5") as url:
+        tiled = faces_tiled(12)
+        body = post(url, "group.png", tiled).json()
+        assert len(body["faces"]) == 5 and body["faces_left_out"] == 7
+        explained = post(url, "group.png", tiled, explain="true").json()
+        assert len(explained["faces"]) == 5 and all("explanation_png" in f for f in explained["faces"])
+        before = httpx.get(url + "/api/info").json()["batching"]
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            answers = list(pool.map(lambda _: post(url, "group.png", tiled), range(16)))
+        assert all(a.status_code == 200 and len(a.json()["faces"]) == 5 for a in answers)
+        after = httpx.get(url + "/api/info").json()["batching"]
+        requests, passes = after["requests"] - before["requests"], after["forward_passes"] - before["forward_passes"]
+        assert requests == 16 and passes < 16  # some requests shared a forward pass
+
+
+def test_one_client_cannot_take_every_connection(runs) -> None:
+    """A client (127.0.0.2) holding sockets that trickle headers gets its share; another client is still served."""
+    with running_server(runs["s2"], "--max-connections", "16", "--max-connections-per-client", "4") as url:
+        port = int(url.rsplit(":", 1)[1])
+        held = []
+        for _ in range(10):
+            sock = socket.socket()
+            sock.bind(("127.0.0.2", 0))
+            sock.connect(("127.0.0.1", port))
+            sock.sendall(b"GET / HT")
+            held.append(sock)
+        time.sleep(0.5)
+        closed = 0
+        for sock in held:
+            sock.settimeout(0.2)
+            try:
+                closed += sock.recv(16) == b""
+            except (socket.timeout, TimeoutError):
+                pass
+            except ConnectionResetError:
+                closed += 1
+        assert closed == 6  # over its share of 4: closed at once; the others stay until the header timeout
+        assert all(httpx.get(url + "/api/info", timeout=10).status_code == 200 for _ in range(8))
+        for sock in held:
+            sock.close()
+
+
+def test_the_live_websocket_checks_host_and_origin(server: str) -> None:
+    ws_client = pytest.importorskip("websockets.sync.client")
+    from websockets.exceptions import InvalidStatus
+
+    address = server.replace("http://", "ws://") + "/api/live"
+    port = int(server.rsplit(":", 1)[1])
+    with pytest.raises(InvalidStatus) as refused:  # another site's page
+        ws_client.connect(address, origin="http://evil.example", open_timeout=10)
+    assert refused.value.response.status_code == 403
+    with pytest.raises(InvalidStatus) as refused:  # DNS rebinding: a name this server does not answer to
+        ws_client.connect(f"ws://evil.example:{port}/api/live", sock=socket.create_connection(("127.0.0.1", port)),
+                          open_timeout=10)
+    assert refused.value.response.status_code == 403
+    with ws_client.connect(address, origin=server, open_timeout=10) as ws:  # the page's own origin
+        import json as json_module
+        import struct
+
+        ws.send(struct.pack("<d", 0.0) + b"not an image at all")
+        assert "cannot decode" in json_module.loads(ws.recv(timeout=30))["error"]
+
+
+def test_running_short_of_memory_is_a_503_not_a_bad_image(runs, images, monkeypatch) -> None:
+    from fastapi.testclient import TestClient
+
+    import ceprompt
+    from ceprompt.server import app as app_module
+
+    rec = ceprompt.load(runs["s2"], device="cpu")
+    client = TestClient(app_module.create_app(rec))
+
+    def short(*args, **kwargs):
+        raise MemoryError
+    monkeypatch.setattr(app_module, "open_image", short)
+    answer = client.post("/api/predict", files={"file": ("a.png", images["astronaut.png"], "image/png")})
+    assert answer.status_code == 503 and answer.headers["retry-after"] == "5"

@@ -79,3 +79,23 @@ def scene(n: int, size: tuple[int, int], paths: Sequence[Callable[[int], Positio
           occluders: Callable[[int], Sequence[tuple[int, int, int, int]]] = lambda i: ()) -> list[Image.Image]:
     face = head()
     return [frame(size, [p(i) for p in paths], occluders(i), face) for i in range(n)]
+
+
+def write_y4m(path: Path, frames: Sequence[Image.Image], rate: int = 10) -> Path:
+    """Raw YUV 4:2:0 frames (Y4M), what Chromium's fake camera plays in a loop."""
+    width, height = frames[0].size
+    with open(path, "wb") as fh:
+        fh.write(f"YUV4MPEG2 W{width} H{height} F{rate}:1 Ip A1:1 C420jpeg\n".encode())
+        for image in frames:
+            y, cb, cr = image.convert("YCbCr").split()
+            fh.write(b"FRAME\n" + y.tobytes())
+            for plane in (cb, cr):
+                fh.write(plane.resize((width // 2, height // 2), Image.BILINEAR).tobytes())
+    return path
+
+
+def swinging(centre: Position, amplitude: float, n: int, phase: float = 0.0) -> list[Position]:
+    """Back and forth along x, ending where it started (a clip that loops without a jump)."""
+    import math
+
+    return [(centre[0] + amplitude * math.sin(2 * math.pi * i / n + phase), centre[1]) for i in range(n)]

@@ -48,6 +48,8 @@ from .weights.build import LoadedModel, load_trained
 
 ImageInput = str | os.PathLike | Image.Image | np.ndarray
 DETECT_MODES = ("mtcnn", "none")
+NOT_FINITE = ("the model's scores for a face in this image are not finite (inf or NaN): its weights or normalisation "
+              "values are out of range")
 
 
 @dataclass
@@ -167,12 +169,33 @@ class Recognizer:
 
     def find_faces(self, image: Image.Image, detect: str = "mtcnn") -> list[tuple[DetectedFace, Image.Image]]:
         """Detected faces with their model-ready crops (empty when no face is found)."""
+        return self.find_faces_many([image], detect)[0]
+
+    def find_faces_many(self, images: Sequence[Image.Image], detect: str = "mtcnn", on_error: str = "raise"
+                        ) -> list[Any]:
+        """:meth:`find_faces` for several images, the detector running over those of one size together (a
+        video's frames); with ``on_error="return"`` an image's :class:`CepromptError` in its place."""
         if detect not in DETECT_MODES:
             raise ConfigError(f"detect={detect!r}; expected one of {DETECT_MODES}")
         if detect == "none":
-            return [(whole_image_face(image), self._resize(image))]
+            return [[(whole_image_face(image), self._resize(image))] for image in images]
+        try:
+            found: list[Any] = self.detector.detect_many(images)
+        except CepromptError:
+            if len(images) == 1 and on_error == "raise":
+                raise
+            found = []
+            for image in images:  # one image failed the detector: find which, and keep the others
+                try:
+                    found.append(self.detector.detect(image))
+                except CepromptError as exc:
+                    if on_error == "raise":
+                        raise
+                    found.append(exc)
         size = self.preprocess.image_size
-        return [(f, align_face(image, f.box, f.landmarks, size, self.expand)) for f in self.detector.detect(image)]
+        return [faces if isinstance(faces, CepromptError) else
+                [(f, align_face(image, f.box, f.landmarks, size, self.expand)) for f in faces]
+                for image, faces in zip(images, found)]
 
     @torch.no_grad()
     def _forward(self, crops: Sequence[Image.Image]) -> ScoreOutput:
@@ -227,15 +250,24 @@ class Recognizer:
         """Per image: its faces' results (or its error) and their image embeddings (unit length)."""
         if on_error not in ("raise", "return"):
             raise ConfigError(f"on_error={on_error!r}; expected 'raise' or 'return'")
-        check("batch_size", batch_size, POSITIVE_INT)
-        found: list[Any] = []
+        loaded: list[Any] = []
         for img in images:
             try:
-                found.append(self.find_faces(self.load_image(img), detect))
+                loaded.append(self.load_image(img))
             except CepromptError as exc:
                 if on_error == "raise":
                     raise
-                found.append(exc)
+                loaded.append(exc)
+        readable = [image for image in loaded if not isinstance(image, CepromptError)]
+        faces = iter(self.find_faces_many(readable, detect, on_error))
+        found = [image if isinstance(image, CepromptError) else next(faces) for image in loaded]
+        return self.classify(found, batch_size, on_error)
+
+    def classify(self, found: Sequence[Any], batch_size: int = 32, on_error: str = "raise"
+                 ) -> tuple[list[Any], list[list[np.ndarray]]]:
+        """The faces :meth:`find_faces` gave for several images (or an image's error in its place), classified in
+        batches across the images: per image its results (or its error) and their unit-length embeddings."""
+        check("batch_size", batch_size, POSITIVE_INT)
         flat = [(i, face, crop) for i, faces in enumerate(found) if isinstance(faces, list) for face, crop in faces]
         results: list[Any] = [faces if isinstance(faces, CepromptError) else [] for faces in found]
         embeddings: list[list[np.ndarray]] = [[] for _ in found]
@@ -248,8 +280,7 @@ class Recognizer:
                 if isinstance(results[i], CepromptError):
                     continue
                 if not np.isfinite(row).all():  # extreme weights or normalisation: never a result that looks valid
-                    results[i] = CepromptError("the model's scores for a face in this image are not finite (inf or "
-                                               "NaN): its weights or normalisation values are out of range")
+                    results[i] = CepromptError(NOT_FINITE)
                     if on_error == "raise":
                         raise results[i]
                     continue
@@ -257,25 +288,28 @@ class Recognizer:
                 embeddings[i].append(vector)
         return results, embeddings
 
-    def explain(self, image: ImageInput, detect: str = "mtcnn") -> list[Explanation]:
+    def explain(self, image: ImageInput, detect: str = "mtcnn", batch_size: int = 32) -> list[Explanation]:
         """Per face: how much each patch resembles the predicted class (the local score's evidence)."""
-        faces = self.find_faces(self.load_image(image), detect)
-        if not faces:
-            return []
-        crops = [crop for _, crop in faces]
-        scores, patches = self._score(crops)
-        if not np.isfinite(scores).all():
-            raise CepromptError("the model's scores for a face in this image are not finite (inf or NaN): its weights "
-                                "or normalisation values are out of range")
-        results = self._results([f for f, _ in faces], scores)
-        sim = patch_class_similarity(patches, self.text_features.cpu())  # (faces, N, C)
-        grid = int(round(sim.shape[1] ** 0.5))
-        k = min(self.model.head.top_k, sim.shape[1])
+        return self.explain_faces(self.find_faces(self.load_image(image), detect), batch_size)
+
+    def explain_faces(self, faces: Sequence[tuple[DetectedFace, Image.Image]], batch_size: int = 32
+                      ) -> list[Explanation]:
+        """:meth:`explain` for faces already found (:meth:`find_faces`), scored ``batch_size`` at a time."""
+        check("batch_size", batch_size, POSITIVE_INT)
         out = []
-        for j, (result, crop) in enumerate(zip(results, crops)):
-            s = sim[j, :, self.class_names.index(result.label)]
-            heat = ((s - s.min()) / (s.max() - s.min() + 1e-8)).reshape(grid, grid).numpy()
-            out.append(Explanation(result, crop, heat, s.topk(k).indices.tolist()))
+        for start in range(0, len(faces), batch_size):
+            chunk = faces[start:start + batch_size]
+            crops = [crop for _, crop in chunk]
+            scores, patches = self._score(crops)
+            if not np.isfinite(scores).all():
+                raise CepromptError(NOT_FINITE)
+            sim = patch_class_similarity(patches, self.text_features.cpu())  # (faces, N, C)
+            grid = int(round(sim.shape[1] ** 0.5))
+            k = min(self.model.head.top_k, sim.shape[1])
+            for j, (result, crop) in enumerate(zip(self._results([f for f, _ in chunk], scores), crops)):
+                s = sim[j, :, self.class_names.index(result.label)]
+                heat = ((s - s.min()) / (s.max() - s.min() + 1e-8)).reshape(grid, grid).numpy()
+                out.append(Explanation(result, crop, heat, s.topk(k).indices.tolist()))
         return out
 
     # -- video ---------------------------------------------------------------------------------------------------

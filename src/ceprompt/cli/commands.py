@@ -252,5 +252,6 @@ def run_serve(args: argparse.Namespace) -> int:
           allow_origins=args.allow_origin or [], allow_hosts=args.allow_host or [],
           pixel_budget=int(args.pixels_in_flight * 1_000_000), max_connections=args.max_connections,
           header_timeout=args.header_timeout, keep_alive=args.keep_alive, classes=args.classes,
-          class_aliases=args.class_alias)
+          class_aliases=args.class_alias, max_faces=args.max_faces, per_client=args.max_connections_per_client,
+          batch_window=args.batch_window)
     return 0

@@ -264,6 +264,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decoded megapixels all requests may hold at once; more uploads get 503 (default 120)")
     p.add_argument("--max-connections", type=arg(Range(1, 100_000, integer=True)), default=128,
                    help="open connections at once, capped by the file-descriptor limit (default 128)")
+    p.add_argument("--max-connections-per-client", type=arg(Range(0, 100_000, integer=True)), metavar="N",
+                   help="open connections one client address may hold (default: an eighth of --max-connections, at "
+                        "least 4; 0: no share; behind a reverse proxy every client has the proxy's address)")
+    p.add_argument("--max-faces", type=arg(Range(1, 10_000, integer=True)), default=64,
+                   help="faces classified per image, the largest first (default 64)")
+    p.add_argument("--batch-window", type=arg(Range(0, 1)), default=0.005, metavar="S",
+                   help="seconds a request waits for others to share its forward pass (default 0.005)")
     p.add_argument("--header-timeout", type=arg(Range(0, 3600, lo_open=True)), default=10.0, metavar="S",
                    help="seconds a connection has to send its request headers (default 10)")
     p.add_argument("--keep-alive", type=arg(Range(0, 3600, lo_open=True)), default=5.0, metavar="S",

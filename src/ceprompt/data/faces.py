@@ -168,45 +168,65 @@ class FaceDetector:
         is then found again in its own neighbourhood of the full image: MTCNN's box and landmark regression is
         as precise as on the full image, for a fraction of its cost.
         """
-        image = image if image.mode == "RGB" else image.convert("RGB")
-        min_face = self.min_face.pixels_for(*image.size)
-        if min(image.size) < min_face:  # no face of the minimum size fits (and MTCNN would fail)
-            return []
-        scale = MTCNN_WINDOW / min_face
-        if scale >= 1:
-            faces = self._search(image, min_face)
-        else:
-            coarse = self._search(detection_copy(image, scale), MTCNN_WINDOW, image.size)
-            faces = _distinct([self._refine(image, face) for face in coarse])
-        faces = [f for f in faces if f.confidence is not None and f.confidence >= self.threshold]
-        return sorted(faces, key=lambda f: -_area(f.box))
+        return self.detect_many([image])[0]
 
-    def _search(self, image: Image.Image, min_face: float, frame: tuple[int, int] | None = None,
-                offset: tuple[float, float] = (0.0, 0.0)) -> list[DetectedFace]:
-        """Every face MTCNN returns in ``image`` (at any confidence), in the coordinates of a ``frame``-sized
-        image (default: ``image``'s own) of which ``image`` shows the part from ``offset`` on."""
+    def detect_many(self, images: Sequence[Image.Image]) -> list[list[DetectedFace]]:
+        """:meth:`detect` for several images. On a GPU those of one size (a video's frames) are searched together,
+        each stage of the cascade once for all of them; on a CPU one by one, which measured faster (720p frames:
+        0.08 s each alone, 0.12 s each in batches of 8, whose larger tensors leave the caches)."""
+        if str(self.mtcnn.device).startswith("cpu") and len(images) > 1:
+            return [found for image in images for found in self.detect_many([image])]
+        images = [image if image.mode == "RGB" else image.convert("RGB") for image in images]
+        out: list[list[DetectedFace]] = [[] for _ in images]
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for i, image in enumerate(images):
+            by_size.setdefault(image.size, []).append(i)
+        for size, members in by_size.items():
+            group = [images[i] for i in members]
+            min_face = self.min_face.pixels_for(*size)
+            if min(size) < min_face:  # no face of the minimum size fits (and MTCNN would fail)
+                continue
+            scale = MTCNN_WINDOW / min_face
+            if scale >= 1:
+                found = self._search(group, min_face)
+            else:
+                coarse = self._search([detection_copy(image, scale) for image in group], MTCNN_WINDOW, size)
+                found = [_distinct([self._refine(image, face) for face in faces]) for image, faces in zip(group, coarse)]
+            for i, faces in zip(members, found):
+                faces = [f for f in faces if f.confidence is not None and f.confidence >= self.threshold]
+                out[i] = sorted(faces, key=lambda f: -_area(f.box))
+        return out
+
+    def _search(self, images: Sequence[Image.Image], min_face: float, frame: tuple[int, int] | None = None,
+                offset: tuple[float, float] = (0.0, 0.0)) -> list[list[DetectedFace]]:
+        """Every face MTCNN returns in each of ``images`` (equally sized; at any confidence), in the coordinates of
+        a ``frame``-sized image (default: the images' own) of which each image shows the part from ``offset`` on."""
         import torch
-        from facenet_pytorch.models.utils.detect_face import detect_face
+
+        from .mtcnn import detect
 
         mtcnn = self.mtcnn
+        width, height = images[0].size
         try:  # the minimum face is an argument, never written to the shared MTCNN: detectors serve many threads
             with torch.no_grad():
-                found, points = detect_face(image, max(float(MTCNN_WINDOW), min_face), mtcnn.pnet, mtcnn.rnet,
-                                            mtcnn.onet, mtcnn.thresholds, mtcnn.factor, mtcnn.device)
+                found = detect(images, max(float(MTCNN_WINDOW), min_face), mtcnn.pnet, mtcnn.rnet, mtcnn.onet,
+                               mtcnn.thresholds, mtcnn.factor, mtcnn.device)
         except (RuntimeError, ValueError, IndexError) as exc:
-            raise CepromptError(f"face detection failed on this {image.width}x{image.height} image "
+            raise CepromptError(f"face detection failed on this {width}x{height} image "
                                 f"({str(exc).splitlines()[0][:120]})") from None
-        boxes, points = np.asarray(found[0], dtype=np.float64).reshape(-1, 5), np.asarray(points[0]).reshape(-1, 5, 2)
-        order = np.argsort((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))[::-1]  # as MTCNN.detect
-        boxes, points = boxes[order], points[order]
-        fw, fh = frame or image.size
-        sx, sy = fw / image.width, fh / image.height
+        fw, fh = frame or (width, height)
+        sx, sy = fw / width, fh / height
         ox, oy = offset
-        return [
-            DetectedFace(box=(ox + b[0] * sx, oy + b[1] * sy, ox + b[2] * sx, oy + b[3] * sy),
-                         landmarks=[(ox + x * sx, oy + y * sy) for x, y in p.tolist()], confidence=float(b[4]))
-            for b, p in zip(boxes.tolist(), points)
-        ]
+        out = []
+        for boxes, points in found:
+            boxes, points = np.asarray(boxes, dtype=np.float64).reshape(-1, 5), np.asarray(points).reshape(-1, 5, 2)
+            order = np.argsort((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))[::-1]  # as MTCNN.detect
+            out.append([
+                DetectedFace(box=(ox + b[0] * sx, oy + b[1] * sy, ox + b[2] * sx, oy + b[3] * sy),
+                             landmarks=[(ox + x * sx, oy + y * sy) for x, y in p.tolist()], confidence=float(b[4]))
+                for b, p in zip(boxes[order].tolist(), points[order])
+            ])
+        return out
 
     def _refine(self, image: Image.Image, face: DetectedFace) -> DetectedFace:
         """``face`` (found on a downscaled copy) found again in its neighbourhood of the full ``image``."""
@@ -220,7 +240,7 @@ class FaceDetector:
         searched = detection_copy(region, scale) if scale < 1 else region
         if min(searched.size) < MTCNN_WINDOW:
             return face
-        found = self._search(searched, side * scale / 2, region.size, (left, top))
+        found = self._search([searched], side * scale / 2, region.size, (left, top))[0]
         best = max(found, key=lambda f: _iou(f.box, face.box), default=None)
         return best if best is not None and _iou(best.box, face.box) >= 0.3 else face
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import BinaryIO, Iterator
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from ..core.errors import DataError
 from ..core.ranges import POSITIVE_INT, check
@@ -35,8 +35,12 @@ FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF", "GIF", "AVIF", "HEIF")
 # 50 megapixels: every phone and camera photo up to 8660 x 5770; decoding one costs about 150 MB.
 DEFAULT_MAX_PIXELS = 50_000_000
 _ENV = "CEPROMPT_MAX_PIXELS"
-_DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, TypeError, IndexError,
-                  KeyError, ZeroDivisionError, Image.DecompressionBombError, MemoryError)
+# Whatever a decoder raises for bad bytes is that file's error, never the run's (pillow-heif's AVIF raises
+# RuntimeError, Pillow's plugins everything from SyntaxError to struct.error)...
+_DECODE_ERRORS = (Exception,)
+# ...except running short of memory, which says nothing about the file: a server answers it "try again" (503),
+# not "not an image" (415). Each `except _DECODE_ERRORS` below follows an `except _NOT_THE_FILE: raise`.
+_NOT_THE_FILE = (MemoryError,)
 
 
 class ImageError(DataError):
@@ -110,6 +114,8 @@ def _open(source: Source, name: str) -> Image.Image:
     except Image.DecompressionBombError:
         raise ImageError(f"{name}: declares more pixels than Pillow's own safety limit; "
                          f"ceprompt's limit is {max_pixels():,} (--max-pixels)") from None
+    except _NOT_THE_FILE:
+        raise
     except _DECODE_ERRORS as exc:
         raise _Undecodable(_reason(exc)) from None
     limit = max_pixels()
@@ -177,6 +183,8 @@ def open_image(source: Source, name: str | None = None) -> Image.Image:
         with image:
             image.load()
             return _to_8bit_rgb(_upright(image))
+    except _NOT_THE_FILE:
+        raise
     except _DECODE_ERRORS as exc:
         raise ImageError(f"{name}: cannot decode image ({_reason(exc)})") from None
 
@@ -196,6 +204,8 @@ def as_rgb(image: Image.Image) -> Image.Image:
     """An already opened PIL image made like :func:`open_image`'s: upright, 8-bit RGB."""
     try:
         return _to_8bit_rgb(_upright(image))
+    except _NOT_THE_FILE:
+        raise
     except _DECODE_ERRORS as exc:
         raise ImageError(f"image: cannot decode ({_reason(exc)})") from None
 
@@ -204,6 +214,8 @@ def _upright(image: Image.Image) -> Image.Image:
     """The image as viewers show it (EXIF orientation applied); a malformed EXIF block is ignored."""
     try:
         return ImageOps.exif_transpose(image) or image
+    except _NOT_THE_FILE:
+        raise
     except _DECODE_ERRORS:
         return image
 
@@ -223,6 +235,8 @@ def probe_image(path: str | os.PathLike, full: bool = False) -> ImageInfo:
         return ImageInfo(str(exc).removeprefix(f"{name}: "))
     except _Undecodable as exc:
         return ImageInfo(f"unreadable image ({exc})")
+    except _NOT_THE_FILE:
+        raise
     except _DECODE_ERRORS as exc:
         return ImageInfo(f"unreadable image ({_reason(exc)})")
     return ImageInfo(None, mode, size)

@@ -1,24 +1,23 @@
-"""The web app: one static page and a JSON API around a :class:`~ceprompt.api.Recognizer`.
+"""The web app: one static page (photos and a live camera), a JSON API and a WebSocket around a
+:class:`~ceprompt.api.Recognizer`.
 
-The model is loaded once; requests are read concurrently but run through the model one at a time
-(a lock), so results never mix and CPU threads are not oversubscribed. Images are decoded off the
-event loop and outside the model lock, through the one image opener (pixel limit from the header).
-What may reach the app at all is decided by :class:`~ceprompt.server.guard.Guard`.
+The model is loaded once and runs on one thread (:mod:`.worker`), where requests that wait together share a forward
+pass, so results never mix and CPU threads are not oversubscribed. Images are decoded off the event loop and off the
+model's thread, through the one image opener (pixel limit from the header). What may reach the app at all is decided
+by :class:`~ceprompt.server.guard.Guard`.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the endpoint annotations at runtime, and
 # UploadFile is imported inside create_app.
 import asyncio
 import base64
-import functools
+import contextlib
 import io
 import logging
-import threading
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, AsyncIterator, Sequence
 
 from PIL import Image
 
@@ -39,12 +38,15 @@ from .limits import (
     release_memory,
     scaled_for_queue,
 )
+from .live import DEFAULT_IDLE, DEFAULT_MAX_FPS, DEFAULT_MAX_SECONDS, MAX_LIVE_SIDE, LiveSession
+from .worker import DEFAULT_MAX_FACES, DEFAULT_WINDOW, Answer, Job, ModelWorker
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_UPLOAD = 10_000_000
 LARGE_IMAGE = 4_000_000  # pixels: after such an upload, freed memory goes back to the system
 ALLOWED_TYPES = ("image/", "application/octet-stream")
 MAX_CLASSES, MAX_CLASSES_TEXT = 64, 2000  # ?classes= per request: each new list runs the text tower once
+MAX_EXPLAINED = 16  # faces of an answer with an explanation picture (each is tens of kilobytes)
 STATIC = {"app.js": "text/javascript", "app.css": "text/css", "favicon.svg": "image/svg+xml"}
 
 
@@ -55,54 +57,61 @@ def _png_data_url(image: Image.Image) -> str:
 
 
 def create_app(rec: Recognizer, max_upload_bytes: int = DEFAULT_MAX_UPLOAD,  # type: ignore[no-untyped-def]
-               pixel_budget: int = DEFAULT_PIXEL_BUDGET, class_aliases: Sequence[str] | None = None):
+               pixel_budget: int = DEFAULT_PIXEL_BUDGET, class_aliases: Sequence[str] | None = None,
+               max_faces: int = DEFAULT_MAX_FACES, batch_window: float = DEFAULT_WINDOW,
+               live_idle: float = DEFAULT_IDLE, live_max_seconds: float = DEFAULT_MAX_SECONDS):
     """The FastAPI application (``pip install 'ceprompt[serve]'``); wrap it in :func:`guarded` to serve it.
-    ``pixel_budget``: decoded pixels all requests may hold at once (:mod:`ceprompt.server.limits`)."""
+    ``pixel_budget``: decoded pixels all requests may hold at once (:mod:`ceprompt.server.limits`); ``max_faces``:
+    faces classified per image; ``batch_window``: seconds a request may wait for others to share its forward pass."""
     try:
-        from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
+        from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile, WebSocket
         from fastapi.exceptions import RequestValidationError
         from fastapi.responses import HTMLResponse, JSONResponse, Response
     except ImportError:
         raise CepromptError("the web app needs FastAPI and uvicorn: pip install 'ceprompt[serve]'") from None
 
+    worker = ModelWorker(rec, class_aliases, window=batch_window, max_faces=max_faces)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        yield
+        worker.close()
+
     app = FastAPI(
+        lifespan=lifespan,
         title="ceprompt",
         description="Facial expression recognition with a trained CEPrompt model. "
-                    "POST an image to /api/predict; every face comes back with its box and class probabilities.",
+                    "POST an image to /api/predict; every face comes back with its box and class probabilities. "
+                    "/api/live is the live camera's WebSocket.",
         version=rec.meta.get("ceprompt_version", "") or "0",
     )
-    lock = threading.Lock()
-    # The model always runs on this one thread: torch's OpenMP pool belongs to the thread that calls it, and a
-    # model hopping between the event loop's worker threads left the previous pool spinning beside the next one
-    # (a third more time per request at batch 1).
-    model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ceprompt-model")
+    app.state.worker, app.state.live_sessions = worker, 0
     static = resources.files("ceprompt.server").joinpath("static")
     page = static.joinpath("index.html").read_text()
     assets = {name: static.joinpath(name).read_bytes() for name in STATIC}
-
     budget = PixelBudget(pixel_budget)
 
-    @functools.lru_cache(maxsize=16)
-    def recognizer_for(classes: tuple[str, ...] | None) -> Recognizer:  # on the model thread: text tower runs
-        return rec if classes is None else rec.with_classes(classes, class_aliases)
-
-    def run_model(image: Image.Image, detect: str, explain: bool, scale: float,
-                  classes: tuple[str, ...] | None = None) -> tuple[Recognizer, list[dict[str, Any]]]:
-        with lock:
-            r = recognizer_for(classes)
-            if explain:
-                explanations = r.explain(image, detect=detect)
-                faces = [{**e.face.to_dict(), "explanation_png": _png_data_url(explanation_image(e))}
-                         for e in explanations]
-            else:
-                faces = [face.to_dict() for face in r.predict(image, detect=detect)]
-        return r, [_in_upload_pixels(face, scale) for face in faces]
+    def wanted_classes(classes: str | None) -> tuple[str, ...] | None:
+        if classes is None:
+            return None
+        try:
+            wanted = tuple(check_class_list(classes.split(","), "classes"))
+        except CepromptError as exc:
+            raise HTTPException(422, str(exc)[:300]) from None
+        if len(wanted) > MAX_CLASSES:
+            raise HTTPException(422, f"classes: {len(wanted)} names; at most {MAX_CLASSES}")
+        return wanted
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         # FastAPI's own answer repeats each invalid input: for a file part without a filename, the whole upload
         problems = [f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', 'invalid')}" for e in exc.errors()]
         return JSONResponse({"detail": problems[:5]}, status_code=422)
+
+    @app.exception_handler(MemoryError)
+    async def out_of_memory(request: Request, exc: MemoryError) -> JSONResponse:
+        return JSONResponse({"detail": "the server is short of memory right now; try again in a moment"},
+                            status_code=503, headers={"Retry-After": "5"})
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> str:
@@ -122,8 +131,12 @@ def create_app(rec: Recognizer, max_upload_bytes: int = DEFAULT_MAX_UPLOAD,  # t
     async def info() -> dict[str, Any]:
         return {"classes": rec.class_names, "stage": rec.meta.get("stage"), "checkpoint": Path(str(rec.checkpoint)).name,
                 "input_size": rec.preprocess.image_size, "max_upload_bytes": max_upload_bytes,
-                "max_pixels": max_pixels(), "face_detection": "MTCNN", "temperature": rec.temperature,
-                "notice": rec.notice}
+                "max_pixels": max_pixels(), "max_faces": max_faces, "max_explained": MAX_EXPLAINED,
+                "face_detection": "MTCNN", "temperature": rec.temperature, "notice": rec.notice,
+                "live": {"max_fps": DEFAULT_MAX_FPS, "max_side": MAX_LIVE_SIDE, "idle_seconds": live_idle,
+                         "sessions": app.state.live_sessions},
+                "batching": {"window_seconds": batch_window, "requests": sum(worker.batches),
+                             "forward_passes": len(worker.batches)}}
 
     @app.post("/api/predict", summary="Expressions of every face in an uploaded image")
     async def predict(
@@ -135,15 +148,13 @@ def create_app(rec: Recognizer, max_upload_bytes: int = DEFAULT_MAX_UPLOAD,  # t
                                     description="comma-separated class names to score instead of the model's "
                                                 "(names it was not trained for are scored from their words)"),
     ) -> dict[str, Any]:
-        name = Path(file.filename or "upload").name
-        wanted = None
-        if classes is not None:
-            try:
-                wanted = tuple(check_class_list(classes.split(","), "classes"))
-            except CepromptError as exc:
-                raise HTTPException(422, str(exc)) from None
-            if len(wanted) > MAX_CLASSES:
-                raise HTTPException(422, f"classes: {len(wanted)} names; at most {MAX_CLASSES}")
+        with worker.arriving() as arrival:
+            return await answer_upload(arrival, file, detect, explain, classes)
+
+    async def answer_upload(arrival: Any, file: Any, detect: str, explain: bool, classes: str | None
+                            ) -> dict[str, Any]:
+        name = Path(file.filename or "upload").name[:200]
+        wanted = wanted_classes(classes)
         if file.content_type and not file.content_type.startswith(ALLOWED_TYPES):
             raise HTTPException(415, f"{name}: {file.content_type} is not an image")
         data = await file.read(max_upload_bytes + 1)
@@ -165,24 +176,55 @@ def create_app(rec: Recognizer, max_upload_bytes: int = DEFAULT_MAX_UPLOAD,  # t
             budget.give(held - image.width * image.height)  # what waits for the model is the scaled copy
             held = image.width * image.height
             try:
-                used, faces = await asyncio.get_running_loop().run_in_executor(model_thread, run_model, image,
-                                                                               detect, explain, scale, wanted)
+                answer = await arrival.run(Job(image, detect, explain, wanted))
             except CepromptError as exc:
                 raise HTTPException(422, f"{name}: {exc}") from None
+            faces = await asyncio.to_thread(_face_records, answer, explain, scale)
         finally:
             budget.give(held)
             image = None
             if width * height > LARGE_IMAGE:
                 await asyncio.to_thread(release_memory)
+        used = answer.recognizer
         response: dict[str, Any] = {"filename": name, "width": width, "height": height,
                                     "classes": used.class_names, "faces": faces}
+        if answer.left_out:
+            response["faces_left_out"] = answer.left_out
         if rec.notice:
             response["notice"] = rec.notice
         if used.classes_note:
             response["classes_note"] = used.classes_note
         return response
 
+    @app.websocket("/api/live")
+    async def live(websocket: WebSocket, classes: str | None = None) -> None:
+        try:
+            wanted = wanted_classes(classes)
+        except HTTPException as exc:
+            await websocket.close(code=1008, reason=str(exc.detail)[:120])
+            return
+        await websocket.accept()
+        app.state.live_sessions += 1
+        try:
+            await LiveSession(websocket, worker, budget, wanted, max_upload_bytes, live_idle, live_max_seconds).run()
+        finally:
+            app.state.live_sessions -= 1
+
     return app
+
+
+def _face_records(answer: Answer, explain: bool, scale: float) -> list[dict[str, Any]]:
+    """The answer's faces as JSON records in the upload's pixels (with explain: the first :data:`MAX_EXPLAINED`
+    with their picture)."""
+    if not explain:
+        return [_in_upload_pixels(face.to_dict(), scale) for face in answer.faces]
+    out = []
+    for i, expl in enumerate(answer.faces):
+        record = expl.face.to_dict()
+        if i < MAX_EXPLAINED:
+            record["explanation_png"] = _png_data_url(explanation_image(expl))
+        out.append(_in_upload_pixels(record, scale))
+    return out
 
 
 def _unreadable(exc: ImageError, name: str) -> Exception:
@@ -236,7 +278,9 @@ def serve(checkpoint: str | None, host: str = "127.0.0.1", port: int = 8000, max
           allow_hosts: list[str] | tuple[str, ...] = (), precision: str = "auto", min_face: Any = None,
           pixel_budget: int = DEFAULT_PIXEL_BUDGET, max_connections: int = DEFAULT_MAX_CONNECTIONS,
           header_timeout: float = DEFAULT_HEADER_TIMEOUT, keep_alive: float = DEFAULT_KEEP_ALIVE,
-          classes: Sequence[str] | None = None, class_aliases: Sequence[str] | None = None) -> None:
+          classes: Sequence[str] | None = None, class_aliases: Sequence[str] | None = None,
+          max_faces: int = DEFAULT_MAX_FACES, per_client: int | None = None,
+          batch_window: float = DEFAULT_WINDOW) -> None:
     try:
         import uvicorn
     except ImportError:
@@ -248,8 +292,8 @@ def serve(checkpoint: str | None, host: str = "127.0.0.1", port: int = 8000, max
         options = {} if min_face is None else {"min_face_size": min_face}
         rec = load(resolve_checkpoint(checkpoint), device=device, precision=precision, classes=classes,
                    class_aliases=class_aliases, **options)
-    app = guarded(create_app(rec, max_upload_bytes, pixel_budget, class_aliases), host, max_upload_bytes,
-                  allow_origins, allow_hosts)
+    app = guarded(create_app(rec, max_upload_bytes, pixel_budget, class_aliases, max_faces, batch_window), host,
+                  max_upload_bytes, allow_origins, allow_hosts)
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s: anyone who can reach this machine can use the model", host)
     if rec.notice:
@@ -259,8 +303,9 @@ def serve(checkpoint: str | None, host: str = "127.0.0.1", port: int = 8000, max
     for name in ("asyncio", "uvicorn.error", "ceprompt.server"):
         logging.getLogger(name).addFilter(repeats)
     max_connections = min(max_connections, _descriptor_room())
-    uvicorn.run(app, host=host, port=port, log_level="info", http=guarded_protocol(max_connections, header_timeout),
-                limit_concurrency=max_connections, timeout_keep_alive=keep_alive)
+    http, ws = guarded_protocol(max_connections, header_timeout, per_client)
+    uvicorn.run(app, host=host, port=port, log_level="info", http=http, ws=ws, limit_concurrency=max_connections,
+                timeout_keep_alive=keep_alive, ws_max_size=max_upload_bytes + 64)
 
 
 def _descriptor_room() -> int:

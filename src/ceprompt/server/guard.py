@@ -3,8 +3,8 @@
 * Host: only the names the server is reached by (loopback names, the listening address, and on
   0.0.0.0 this machine's names and any IP address; more with ``--allow-host``). A page on another
   site cannot reach the model through DNS rebinding.
-* Origin: a browser request that changes something (POST) must come from the page itself or an
-  origin given with ``--allow-origin``; other sites' pages are refused.
+* Origin: a browser request that changes something (POST), and the live camera's WebSocket, must come from the
+  page itself or an origin given with ``--allow-origin``; other sites' pages are refused.
 * Body size: refused from ``Content-Length`` before anything is read, and counted while streaming
   (chunked uploads), so an oversize upload is never received in full or spooled to disk.
 * Body time: the whole body must arrive within ``body_timeout`` seconds.
@@ -88,6 +88,9 @@ class Guard:
         return parts.scheme in ("http", "https") and parts.netloc.lower() == host.strip().lower()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            await self._websocket(scope, receive, send)
+            return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -138,6 +141,17 @@ class Guard:
             state["responded"] = True
 
         await self.app(scope, guarded_receive, guarded_send)
+
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The live camera's WebSocket: the same Host check, and an Origin that must be the page's own (a browser
+        always sends one; a page on another site must not reach the camera session, as with a POST)."""
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        host, origin = headers.get("host", ""), headers.get("origin")
+        if not self.host_ok(host) or (origin is not None and not self.origin_ok(origin, host)):
+            await send({"type": "websocket.close", "code": 1008})  # before accepting: an HTTP 403
+            return
+        await self.app(scope, receive, send)
 
 
 def _security_headers(path: str) -> list[tuple[bytes, bytes]]:

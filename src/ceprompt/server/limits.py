@@ -9,7 +9,9 @@ that do not flood.
   given in the upload's own pixels).
 * After a large image, freed memory is returned to the system (glibc keeps it otherwise: 3-5 GB stayed held).
 * Connections: at most ``max_connections`` open at once (more are closed at once, so the process never runs out
-  of file descriptors); request headers must be complete within ``header_timeout`` seconds of the connection
+  of file descriptors), and at most a share of them per client address (one client holding sockets open cannot
+  take them all; behind a reverse proxy every client has the proxy's address: raise the share there); request
+  headers must be complete within ``header_timeout`` seconds of the connection
   (or of the previous response), so headers trickled a byte at a time, or never sent, do not hold a connection;
   idle keep-alive connections close after ``keep_alive`` seconds.
 * A message logged again and again (``accept()`` failing, refused connections) appears once per interval with a
@@ -53,12 +55,12 @@ class PixelBudget:
             self.used = max(0, self.used - pixels)
 
 
-def scaled_for_queue(image: Image.Image) -> tuple[Image.Image, float]:
-    """``image`` at most :data:`MAX_SIDE` on a side, and the factor that maps its pixels back to the original's."""
+def scaled_for_queue(image: Image.Image, max_side: int = MAX_SIDE) -> tuple[Image.Image, float]:
+    """``image`` at most ``max_side`` on a side, and the factor that maps its pixels back to the original's."""
     side = max(image.size)
-    if side <= MAX_SIDE:
+    if side <= max_side:
         return image, 1.0
-    scale = MAX_SIDE / side
+    scale = max_side / side
     small = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BICUBIC)
     return small, image.width / small.width
 
@@ -92,21 +94,53 @@ class RepeatFilter(logging.Filter):
         return True
 
 
-def guarded_protocol(max_connections: int, header_timeout: float) -> type:
-    """uvicorn's HTTP/1.1 protocol with a connection cap and a header timeout."""
+def per_client_default(max_connections: int) -> int:
+    """A client's share of the connections by default: an eighth, at least 4."""
+    return max(4, max_connections // 8)
+
+
+def guarded_protocol(max_connections: int, header_timeout: float, per_client: int | None = None) -> tuple[type, type]:
+    """uvicorn's HTTP/1.1 and WebSocket protocols with a connection cap, a per-client share of it and a header
+    timeout: (HTTP protocol class, WebSocket protocol class)."""
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
+    from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
     log = logging.getLogger("ceprompt.server")
+    share = per_client if per_client is not None else per_client_default(max_connections)
+    held: dict[str, int] = {}  # open connections per client address, HTTP and WebSocket alike
+
+    def peer(transport: Any) -> str:
+        address = transport.get_extra_info("peername")
+        return str(address[0]) if isinstance(address, (tuple, list)) and address else "?"
+
+    def admit(transport: Any, connections: set) -> str | None:
+        """Count the connection; None when it may stay, else why it was closed."""
+        client = peer(transport)
+        held[client] = held.get(client, 0) + 1
+        if len(connections) > max_connections:
+            return f"{len(connections) - 1} open, the limit is {max_connections} (--max-connections)"
+        if share and held[client] > share:
+            return (f"{client} holds {held[client] - 1} connections, a client's share is {share} "
+                    "(--max-connections-per-client)")
+        return None
+
+    def leave(transport: Any) -> None:
+        client = peer(transport)
+        held[client] = held.get(client, 1) - 1
+        if held[client] <= 0:
+            held.pop(client, None)
 
     class GuardedH11Protocol(H11Protocol):
         header_timer: asyncio.TimerHandle | None = None
+        counted = False
 
         def connection_made(self, transport: Any) -> None:  # type: ignore[override]
             super().connection_made(transport)
-            if len(self.connections) > max_connections:
-                log.warning("connection refused: %d open, the limit is %d (--max-connections)",
-                            len(self.connections) - 1, max_connections)
+            refused = admit(transport, self.connections)
+            self.counted = True
+            if refused:
+                log.warning("connection refused: %s", refused)
                 transport.close()
                 return
             self._start_header_timer()
@@ -135,8 +169,31 @@ def guarded_protocol(max_connections: int, header_timeout: float) -> type:
             if not self.transport.is_closing():
                 self._start_header_timer()  # the next request on this connection gets the same time
 
+        def handle_websocket_upgrade(self, event: Any) -> None:
+            self._stop_header_timer()
+            if self.counted:  # the WebSocket protocol counts the connection from here on
+                self.counted = False
+                leave(self.transport)
+            super().handle_websocket_upgrade(event)
+
         def connection_lost(self, exc: Exception | None) -> None:
             self._stop_header_timer()
+            if self.counted:
+                self.counted = False
+                leave(self.transport)
             super().connection_lost(exc)
 
-    return GuardedH11Protocol
+    class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
+        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self.ceprompt_transport = transport
+            refused = admit(transport, self.connections)
+            if refused:
+                log.warning("WebSocket refused: %s", refused)
+                transport.close()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            leave(self.ceprompt_transport)
+            super().connection_lost(exc)
+
+    return GuardedH11Protocol, GuardedWebSocketProtocol

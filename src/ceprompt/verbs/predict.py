@@ -248,6 +248,8 @@ class _Job:
                 loaded.append((index, path, self.rec.load_image(path)))
             except CepromptError as exc:
                 loaded.append((index, path, exc))
+            except MemoryError:
+                loaded.append((index, path, CepromptError("out of memory while decoding it")))
         images = [item for item in loaded if not isinstance(item[2], CepromptError)]
         found, explained = self._faces([image for _, _, image in images])
         results = {index: (faces, expl) for (index, _, _), faces, expl in zip(images, found, explained)}
