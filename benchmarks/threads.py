@@ -35,7 +35,7 @@ from ceprompt.engine.threads import set_threads
 threads = set_threads(int(sys.argv[1]) or None)
 from ceprompt.demo.pretrain import PretrainSettings, pretrain_clip
 settings = PretrainSettings(steps=40, pairs=600)
-_, stats = pretrain_clip(settings, progress=False)
+_, stats = pretrain_clip(settings, progress=False, threads=int(sys.argv[1]) or None)
 print(settings.steps * settings.batch_size / (stats["seconds"] - stats["generate_seconds"]), threads)
 """
 

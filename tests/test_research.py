@@ -17,6 +17,7 @@ from PIL import Image
 import ceprompt
 import ceprompt.engine.train as train_module
 from ceprompt.cli import main
+from ceprompt.core.errors import ConfigError
 
 from helpers import class_image, quick_train_sets, write_three_file_dataset
 
@@ -48,7 +49,7 @@ def test_a_validation_split_chooses_the_epoch_and_the_test_split_is_evaluated_on
     # each epoch and the final calibration on the 14 validation images; the 21 test images once
     assert sorted(sizes) == [14, 14, 14, 21]
     rows = summary(run)
-    assert all(r["val_accuracy"] and not r["test_accuracy"] for r in rows)
+    assert all(r["val_accuracy"] and "test_accuracy" not in r for r in rows)  # no empty test_* columns
     report = json.loads((run / "eval" / "metrics.json").read_text())
     assert "validation split" in report["epoch_chosen_on"] and report["calibration"]["fit_on"] == "validation split"
     assert set(report["validation"]) >= {"accuracy", "macro_f1"}
@@ -56,11 +57,31 @@ def test_a_validation_split_chooses_the_epoch_and_the_test_split_is_evaluated_on
     assert all(Path(line.split(" ", 1)[1]).name in train_paths for line in held)
 
 
+def test_with_shots_the_validation_split_is_held_out_first_and_still_chooses(tmp_path: Path, data: Path) -> None:
+    # shots=1 used to leave nothing to hold out: the epoch was silently chosen on the test split
+    assert main(["train", "--config", "rafdb_stage1",
+                 *sets(tmp_path, "k1", data, "data.val_fraction=0.2", "data.shots=1")]) == 0
+    run = tmp_path / "k1"
+    shots = (run / "train_images.txt").read_text().splitlines()
+    held = (run / "val_images.txt").read_text().splitlines()
+    assert len(shots) == 7 and len(held) == 7 and not set(shots) & set(held)
+    report = json.loads((run / "eval" / "metrics.json").read_text())
+    assert "validation split" in report["epoch_chosen_on"]
+
+
+def test_a_validation_split_that_holds_nothing_is_refused(tmp_path: Path) -> None:
+    single = write_three_file_dataset(tmp_path / "RAF-DB", "rafdb", n_train=1, n_test=1)
+    with pytest.raises(ConfigError, match="nothing can be held out"):
+        ceprompt.train("rafdb_stage1", data__root=single, data__val_fraction=0.2, backbone__arch="tiny-vit",
+                       run__output_dir=tmp_path, run__device="cpu", data__workers=0, run__progress=False)
+    assert not list(tmp_path.glob("rafdb-*"))
+
+
 def test_the_paper_protocol_is_the_default_and_says_so(tmp_path: Path, data: Path) -> None:
     assert main(["train", "--config", "rafdb_stage1", *sets(tmp_path, "t", data)]) == 0
     report = json.loads((tmp_path / "t" / "eval" / "metrics.json").read_text())
     assert "test split (the paper's protocol)" in report["epoch_chosen_on"] and report["validation"] is None
-    assert all(r["test_accuracy"] and not r["val_accuracy"] for r in summary(tmp_path / "t"))
+    assert all(r["test_accuracy"] and "val_accuracy" not in r for r in summary(tmp_path / "t"))
 
 
 def test_tensorboard_receives_the_scalars_config_and_confusion_matrix(tmp_path: Path, data: Path) -> None:
@@ -132,7 +153,7 @@ def test_compare_groups_seeds_as_mean_and_std(tmp_path: Path, data: Path, capsys
     capsys.readouterr()
     assert main(["compare", str(tmp_path / "seeds")]) == 0
     out = capsys.readouterr().out
-    assert "(+1 seeds)" in out and " ± " in out and "mean ± sample standard deviation" in out
+    assert "(+1 seed)" in out and " ± " in out and "mean ± sample standard deviation" in out
 
 
 def test_mcnemar_and_bootstrap_against_known_values() -> None:

@@ -67,12 +67,48 @@ def test_the_governor_adapts_to_a_neighbour_between_epochs(monkeypatch) -> None:
     try:
         governor = ThreadGovernor(None)
         assert governor.threads == 2
-        assert governor.next_epoch() == 1 and torch.get_num_threads() == 1
-        assert governor.next_epoch() == 2 and torch.get_num_threads() == 2
+        assert governor.recheck() == 1 and torch.get_num_threads() == 1
+        assert governor.recheck() == 2 and torch.get_num_threads() == 2
         fixed = ThreadGovernor(3)
-        assert fixed.next_epoch() == 3  # --threads is never second-guessed
+        assert fixed.recheck() == 3  # --threads is never second-guessed
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_demo_clip_pretraining_follows_the_load_and_says_why_it_is_slow(monkeypatch, caplog) -> None:
+    """The README's first command once took 90 minutes beside other work with nothing saying why: pretraining
+    chose its threads once. Now it re-checks while it runs and its log line names the load."""
+    import logging
+
+    import ceprompt.demo.pretrain as pretrain
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "usable_cpus", lambda: 2)
+    monkeypatch.setattr(threads, "choose_threads", lambda: (2, "test"))
+    monkeypatch.setattr(threads, "affinity_cpus", lambda: [0, 1])
+    monkeypatch.setattr(pretrain, "RECHECK_SECONDS", 0.0)
+    monkeypatch.setattr(pretrain, "REPORT_SECONDS", 0.0)
+    ticks = itertools.count()  # every sample 100 ticks later, 50 of them busy, none of them ours: 1 core taken
+
+    def sample(cls):
+        t = next(ticks)
+        return CpuSample(50 * t, 100 * t, 0.0, float(t))
+
+    monkeypatch.setattr(CpuSample, "now", classmethod(sample))
+    seen: list[int] = []
+    real_step = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: seen.append(torch.get_num_threads())
+                        or real_step(self, *a, **k))
+    before = torch.get_num_threads()
+    try:
+        with caplog.at_level(logging.INFO, logger="ceprompt"):
+            pretrain.pretrain_clip(pretrain.PretrainSettings(arch="tiny-vit", pairs=16, steps=4, batch_size=4),
+                                   progress=False)
+    finally:
+        torch.set_num_threads(before)
+    assert seen[0] == 2 and seen[-1] == 1  # chosen at the start, re-chosen while it ran
+    lines = [r.getMessage() for r in caplog.records if "pretraining the demo CLIP: step" in r.getMessage()]
+    assert lines and "min left" in lines[-1] and "1.0 of 2 cores busy" in lines[-1]
 
 
 def test_threads_option_is_recorded_in_the_run(tmp_path: Path, capsys) -> None:

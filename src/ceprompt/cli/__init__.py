@@ -27,12 +27,31 @@ def _quiet_stdout() -> None:
         sys.stdout = open(os.devnull, "w")
 
 
+def _set_hint(unknown: Sequence[str], args: argparse.Namespace) -> str:
+    """For ``train --epochs 3``: the config key it may mean, to be given with --set."""
+    if getattr(args, "verb", None) != "train":
+        return ""
+    from ..core.config import dotted
+    from ..experiment.config import Config
+
+    keys = dotted(Config().to_dict())
+    for option in unknown:
+        name = option.lstrip("-").split("=", 1)[0].replace("-", "_")
+        matches = [k for k in keys if k.rsplit(".", 1)[-1] == name]
+        if option.startswith("--") and matches:
+            return f" (config values are given with --set, e.g. --set {matches[0]}=...)"
+    return ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     if not (sys.argv[1:] if argv is None else list(argv)):  # plain `ceprompt`: what it can do
         parser.print_help()
         return 0
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # the verb's own usage, not the top-level one, and the config key a stray option may mean
+        verb_parser = getattr(args, "verb_parser", parser)
+        verb_parser.error(f"unrecognized arguments: {' '.join(unknown)}{_set_hint(unknown, args)}")
     # ceprompt's own messages at INFO; other libraries (onnxscript, onnx_ir, ...) only when they warn
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
@@ -41,10 +60,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ..data.images import pixel_limit
 
     try:
-        if hasattr(args, "threads") and args.verb not in ("train", "demo"):  # those two manage threads per run
-            from ..engine.threads import set_threads
-
-            set_threads(args.threads)
         with pixel_limit(getattr(args, "max_pixels", None)):
             return handler(args)
     except CepromptError as exc:

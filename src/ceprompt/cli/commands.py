@@ -9,6 +9,14 @@ import sys
 import warnings
 
 
+def compute_threads(args: argparse.Namespace) -> None:
+    """CPU threads for a verb that computes (``--threads``, else from the cores other work leaves free), set once
+    its arguments have passed the checks that need no torch (train and demo manage threads per run)."""
+    from ..engine.threads import set_threads
+
+    set_threads(getattr(args, "threads", None))
+
+
 def run_convert(args: argparse.Namespace) -> int:
     from ..weights.clip_files import convert_clip
 
@@ -65,15 +73,35 @@ def _zero_shot_config(dataset: str | None) -> str:
 
 def run_eval(args: argparse.Namespace) -> int:
     from ..core.errors import ConfigError
-    from ..experiment.config import load_config
-    from ..verbs.eval_job import run_eval
 
-    zero_shot = None
     if args.zero_shot and args.checkpoint:
         raise ConfigError("--zero-shot evaluates the untrained CLIP and --checkpoint a trained model: give one of them")
     if args.zero_shot and (args.classes or args.class_alias):
         raise ConfigError("--classes and --class-alias are for a trained --checkpoint; --zero-shot scores the "
                           "dataset's own classes")
+    if not args.out:
+        return _eval_checked(args)
+    from ..core.paths import output_dir, removed_on_failure
+
+    with removed_on_failure(args.out):  # the folder checked (so created) first, gone again if anything fails
+        output_dir(args.out, "--out", must_be_empty=True, overwrite=args.overwrite)
+        return _eval_checked(args)
+
+
+def _eval_checked(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..core.errors import ConfigError, DataError
+
+    zero_shot = None
+    if not args.zero_shot and args.checkpoint:
+        check_model(args.checkpoint)
+    if not Path(args.data).expanduser().is_dir():
+        raise DataError(f"{args.data}: dataset root folder not found")
+    compute_threads(args)
+    from ..experiment.config import load_config
+    from ..verbs.eval_job import run_eval
+
     if args.zero_shot:
         config = args.config or _zero_shot_config(args.dataset)
         zero_shot = load_config(config, list(args.set or []), {"backbone.path": args.clip} if args.clip else None)
@@ -117,15 +145,30 @@ def run_make_demo_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_model(value: str) -> None:
+    """A model argument that cannot be one, refused before torch loads (seconds on a CPU)."""
+    from pathlib import Path
+
+    from ..core.errors import CheckpointError
+
+    if not value.startswith("hf-hub:") and not Path(value).expanduser().exists():
+        raise CheckpointError(f"{value}: no such checkpoint, run directory or model folder")
+
+
 def run_predict(args: argparse.Namespace) -> int:
-    from ..api import load
-    from ..core.runtime import setup_runtime, teardown_runtime
-    from ..verbs.predict import plan_predict, run_predict
+    from ..verbs.predict_plan import check_extras, plan_predict
 
     plan = plan_predict(args.inputs, output=args.output, fmt=args.format, annotate_dir=args.annotate,
                         explain_dir=args.explain, video_stride=args.video_stride, overwrite=args.overwrite,
                         fps=args.fps, smooth=args.smooth, track_memory=args.track_memory, summary=args.summary,
                         timeline_dir=args.timeline)
+    check_extras(plan, args.detect)
+    check_model(args.checkpoint)
+    compute_threads(args)
+    from ..api import load
+    from ..core.runtime import setup_runtime, teardown_runtime
+    from ..verbs.predict import run_predict
+
     rt = setup_runtime(args.device, args.precision)
     try:
         with warnings.catch_warnings():
@@ -146,6 +189,8 @@ def run_predict(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    check_model(args.checkpoint)
+    compute_threads(args)
     if args.format == "hub":
         from ..verbs.export_hub import export_hub
         from ..weights.hub import hub_command
@@ -162,6 +207,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_prepare(args: argparse.Namespace) -> int:
+    compute_threads(args)
     from ..data.prepare import prepare
 
     summary = prepare(args.dataset, args.src, args.dst, align=args.align, skip_bad_rows=args.skip_bad_rows,
@@ -191,24 +237,55 @@ def run_import_official(args: argparse.Namespace) -> int:
 
 
 def run_embed(args: argparse.Namespace) -> int:
-    from ..api import load
-    from ..core.paths import output_file
-    from ..verbs.embed import embed_files, image_files, plot_tsne, save_npz
+    from ..core.errors import CepromptError
+    from ..core.extras import installed
+    from ..core.outputs import OutputFile, distinct_outputs
+    from ..verbs.predict_plan import expand_inputs
 
-    out = output_file(args.output, args.overwrite, "--output")
-    plot = output_file(args.plot, args.overwrite, "--plot") if args.plot else None
-    files = image_files(args.inputs)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        rec = load(args.checkpoint, device=args.device, precision=args.precision)
-    features = embed_files(rec, files, detect=args.detect, batch_size=args.batch_size)
-    save_npz(features, out)
-    print(f"wrote {len(features['embeddings'])} face embeddings of {features['embeddings'].shape[1]} dimensions "
-          f"to {out}")
-    if plot:
-        plot_tsne(features, rec.class_names, plot)
-        print(f"t-SNE map: {plot}")
-    return 0
+    distinct_outputs(("--output", args.output), ("--plot", args.plot))
+    out = OutputFile(args.output, args.overwrite, "--output")
+    plot = OutputFile(args.plot, args.overwrite, "--plot") if args.plot else None
+    if plot is not None and not installed("sklearn"):
+        raise CepromptError("--plot needs scikit-learn: pip install scikit-learn")
+    if args.detect == "mtcnn" and not installed("facenet_pytorch"):
+        raise CepromptError("face detection needs pip install 'ceprompt[face]' (or --detect none for face crops)")
+    from ..data.images import IMAGE_SUFFIXES
+
+    files = expand_inputs(args.inputs, IMAGE_SUFFIXES)
+    if not files:
+        raise CepromptError(f"no images in {list(args.inputs)}")
+    check_model(args.checkpoint)
+    compute_threads(args)
+    from ..api import load
+    from ..core.runtime import setup_runtime, teardown_runtime
+    from ..verbs.embed import plot_tsne, run_embed
+
+    rt = setup_runtime(args.device, args.precision)
+    claims = [c for c in (out, plot) if c is not None] if rt.is_main else []
+    try:
+        for claim in claims:
+            claim.claim()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            rec = load(args.checkpoint, device=str(rt.device), precision=rt.precision)
+        features, failed = run_embed(rec, files, out, detect=args.detect, batch_size=args.batch_size,
+                                     progress=not args.no_progress, rt=rt)
+        if features is None:  # another torchrun process: rank 0 writes and reports
+            return 0
+        print(f"wrote {len(features['embeddings'])} face embeddings of {features['embeddings'].shape[1]} dimensions "
+              f"to {out.path}")
+        if plot is not None:
+            plot.write_with(lambda tmp: plot_tsne(features, rec.class_names, tmp,
+                                                  (rec.meta.get("config") or {}).get("data", {}).get("class_aliases")))
+            print(f"t-SNE map: {plot.path}")
+        if failed:
+            print(f"ceprompt embed: {failed} file(s) could not be read (named above); their faces are not in "
+                  f"{out.path}", file=sys.stderr)
+        return 1 if failed else 0
+    finally:
+        for claim in claims:
+            claim.release()
+        teardown_runtime(rt)
 
 
 def run_compare(args: argparse.Namespace) -> int:
@@ -245,6 +322,9 @@ def run_check_data(args: argparse.Namespace) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    if args.checkpoint:
+        check_model(args.checkpoint)
+    compute_threads(args)
     from ..server.app import serve
 
     serve(args.checkpoint, host=args.host, port=args.port, max_upload_bytes=int(args.max_upload_mb * 1_000_000),

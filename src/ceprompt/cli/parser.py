@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--activation", choices=["auto", "quickgelu", "gelu"], default="auto",
                    help="MLP activation where the file does not record it (auto: QuickGELU, as OpenAI's)")
-    p.set_defaults(handler=commands.run_convert)
+    p.set_defaults(verb_parser=p, handler=commands.run_convert)
 
     p = verbs.add_parser("train", help="train stage 1 (eva) or stage 2 (cat); torchrun for many GPUs")
     p.add_argument("--config", help="YAML file or shipped name (rafdb_stage1, affectnet7_stage2, ...)")
@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_outside_root(p)
     _add_pixel_limit(p)
     _add_runtime_args(p)
-    p.set_defaults(handler=commands.run_train)
+    p.set_defaults(verb_parser=p, handler=commands.run_train)
 
     p = verbs.add_parser("embed", help="the model's image embedding of every face, for t-SNE/UMAP figures")
     p.add_argument("checkpoint", help="checkpoint .safetensors, run directory, model folder or hf-hub:ORG/NAME")
@@ -124,9 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="find faces with MTCNN (default) or take each image as one face crop")
     p.add_argument("--batch-size", type=arg(POSITIVE_INT), default=32, help="faces per forward pass (default 32)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_pixel_limit(p)
     _add_runtime_args(p)
-    p.set_defaults(handler=commands.run_embed, device="auto", precision="auto")
+    p.set_defaults(verb_parser=p, handler=commands.run_embed, device="auto", precision="auto")
 
     p = verbs.add_parser("compare", help="runs or evaluations side by side: metrics, the settings that differ, "
                                          "McNemar's test and a bootstrap interval on the same test images")
@@ -135,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", metavar="FILE", help="also write the table as CSV")
     p.add_argument("--plot", metavar="FILE", help="also draw per-class F1 side by side (PNG)")
     p.add_argument("--overwrite", action="store_true", help="replace existing --csv/--plot files")
-    p.set_defaults(handler=commands.run_compare)
+    p.set_defaults(verb_parser=p, handler=commands.run_compare)
 
     p = verbs.add_parser("check-data", help="report every problem of a dataset at once, with a summary")
     p.add_argument("root", help="dataset root")
@@ -148,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=arg(Range(1, 256, integer=True)), default=8, help="threads opening images")
     _add_outside_root(p)
     _add_pixel_limit(p)
-    p.set_defaults(handler=commands.run_check_data)
+    p.set_defaults(verb_parser=p, handler=commands.run_check_data)
 
     p = verbs.add_parser("eval", help="evaluate a checkpoint (or zero-shot CLIP) on a dataset: metrics, "
                          "confusion matrix, predictions")
@@ -170,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pixel_limit(p)
     _add_runtime_args(p)
     _add_classes(p)
-    p.set_defaults(handler=commands.run_eval, device="auto", precision="auto", workers=4)
+    p.set_defaults(verb_parser=p, handler=commands.run_eval, device="auto", precision="auto", workers=4)
 
     p = verbs.add_parser("predict", help="expressions of every face in images, folders and videos")
     p.add_argument("checkpoint", help="checkpoint .safetensors, run directory, model folder or hf-hub:ORG/NAME")
@@ -203,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pixel_limit(p)
     _add_runtime_args(p)
     _add_classes(p)
-    p.set_defaults(handler=commands.run_predict, device="auto", precision="auto")
+    p.set_defaults(verb_parser=p, handler=commands.run_predict, device="auto", precision="auto")
 
     p = verbs.add_parser("export", help="export a trained model: an ONNX graph, or a folder for the Hugging Face Hub")
     formats = p.add_subparsers(dest="format", metavar="FORMAT", required=True)
@@ -212,14 +213,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("out", help="a file ending in .onnx (a .json description is written beside it)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output")
     _add_threads(q)
-    q.set_defaults(handler=commands.run_export)
+    q.set_defaults(verb_parser=q, handler=commands.run_export)
     q = formats.add_parser("hub", help="a self-contained folder for the Hugging Face Hub (weights, config, card)")
     q.add_argument("checkpoint", help="checkpoint .safetensors, run directory or model folder")
     q.add_argument("out", help="a folder: model.safetensors, config.json, README.md")
     q.add_argument("--dtype", choices=["fp16", "fp32"], default="fp16", help="weight precision (default fp16)")
     q.add_argument("--overwrite", action="store_true", help="replace an earlier export in that folder")
     _add_threads(q)
-    q.set_defaults(handler=commands.run_export)
+    q.set_defaults(verb_parser=q, handler=commands.run_export)
 
     p = verbs.add_parser("prepare", help="convert an official dataset distribution to ceprompt's index files")
     p.add_argument("dataset", choices=["rafdb", "affectnet", "ferplus"], help="which distribution SRC is")
@@ -234,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_pixel_limit(p)
     _add_threads(p)
-    p.set_defaults(handler=commands.run_prepare)
+    p.set_defaults(verb_parser=p, handler=commands.run_prepare)
 
     p = verbs.add_parser("import-official", help="check the authors' released checkpoints and write them as "
                          "ceprompt checkpoints (authors-compatible mode)")
@@ -245,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the dataset the files were trained on (their class words differ)")
     p.add_argument("--out", required=True, help="folder for stage1.safetensors (and stage2.safetensors)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier import in --out")
-    p.set_defaults(handler=commands.run_import_official)
+    p.set_defaults(verb_parser=p, handler=commands.run_import_official)
 
     p = verbs.add_parser("serve", help="a local web page (and JSON API) to try a model on photos")
     p.add_argument("checkpoint", nargs="?", help="checkpoint, run directory, model folder or hf-hub:ORG/NAME "
@@ -281,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pixel_limit(p)
     _add_threads(p)
     _add_classes(p)
-    p.set_defaults(handler=commands.run_serve, precision="auto")
+    p.set_defaults(verb_parser=p, handler=commands.run_serve, precision="auto")
 
     p = verbs.add_parser("demo", help="the whole method on generated faces and a small CLIP, on a CPU, in minutes "
                          "(README: The demo, for measured times)")
@@ -301,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="autocast precision; auto: fp32, the same computation on every CPU (the demo's small "
                         "models gain little from bf16)")
     _add_threads(p)
-    p.set_defaults(handler=commands.run_demo, precision="auto")
+    p.set_defaults(verb_parser=p, handler=commands.run_demo, precision="auto")
 
     p = verbs.add_parser("make-demo-data", help="write generated expression faces in the RAF-DB layout")
     p.add_argument("out", help="output folder (must be new or empty)")
@@ -315,9 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image side in pixels (default 64)")
     p.add_argument("--workers", type=arg(Range(1, 64, integer=True)), default=2,
                    help="processes drawing faces (default 2)")
-    p.set_defaults(handler=commands.run_make_demo_data)
+    p.set_defaults(verb_parser=p, handler=commands.run_make_demo_data)
 
     p = verbs.add_parser("doctor", help="report versions and devices; round-trip a tiny CLIP through every format")
     p.add_argument("--arch", default="tiny-vit", help="architecture to round-trip (default: tiny-vit)")
-    p.set_defaults(handler=commands.run_doctor)
+    p.set_defaults(verb_parser=p, handler=commands.run_doctor)
     return parser

@@ -55,15 +55,33 @@ def read_json(text: str | bytes, where: str, max_depth: int = MAX_DEPTH) -> Any:
     if depth > max_depth:
         raise SchemaError(f"{where}: JSON nested {depth} levels deep; expected at most {max_depth}")
     try:
-        return json.loads(text, parse_constant=_no_constant)
+        return json.loads(text, parse_constant=_no_constant, parse_float=_finite_float, parse_int=_bounded_int)
     except json.JSONDecodeError as exc:
         raise SchemaError(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
     except SchemaError as exc:
         raise SchemaError(f"{where}: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # Python's own limit on integer digits, say
+        raise SchemaError(f"{where}: unreadable JSON value ({str(exc)[:100]})") from None
 
 
 def _no_constant(name: str) -> float:
     raise SchemaError(f"{name} is not a number JSON allows")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 reads as infinity
+        raise SchemaError(f"{text[:40]} is not a finite number")
+    return value
+
+
+MAX_INT_DIGITS = 40  # no count, size or seed of ours comes near 10**40
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise SchemaError(f"an integer of {len(text)} digits; expected at most {MAX_INT_DIGITS}")
+    return int(text)
 
 
 def expect(data: Any, key: str, where: str, kind: type | tuple[type, ...], *, lo: float | None = None,

@@ -83,6 +83,7 @@ class Splits:
     train: list[Sample]
     test: list[Sample]
     skipped: list[str] = field(default_factory=list)  # "path: reason" of images left out
+    val: list[Sample] = field(default_factory=list)  # held out of train to choose the epoch (data.val_fraction)
 
 
 def default_augment(dataset: str) -> str:

@@ -34,15 +34,18 @@ def base_split(splits: Splits, base_classes: Sequence[str], aliases: Sequence[st
                                test=subset(splits.test))
 
 
-def few_shot(samples: Sequence[Sample], class_names: Sequence[str], shots: int, seed: int) -> list[Sample]:
-    """``shots`` training images of every class, drawn with ``seed`` (the same draw for the same data and seed)."""
+def few_shot(samples: Sequence[Sample], class_names: Sequence[str], shots: int, seed: int,
+             after: str = "") -> list[Sample]:
+    """``shots`` training images of every class, drawn with ``seed`` (the same draw for the same data and seed).
+    ``after`` says what was taken from ``samples`` before (for the error)."""
     by_class: dict[int, list[Sample]] = {}
     for sample in samples:
         by_class.setdefault(sample.label, []).append(sample)
     short = [f"{class_names[label]} ({len(by_class.get(label, []))})" for label in range(len(class_names))
              if len(by_class.get(label, [])) < shots]
     if short:
-        raise ConfigError(f"data.shots={shots}, but these classes have fewer training images: {', '.join(short)}")
+        raise ConfigError(f"data.shots={shots}, but these classes have fewer training images"
+                          f"{' ' + after if after else ''}: {', '.join(short)}")
     rng = random.Random(seed)
     chosen = {id(s) for label in sorted(by_class) for s in rng.sample(by_class[label], shots)}
     return [s for s in samples if id(s) in chosen]

@@ -37,7 +37,7 @@ GENERATOR_VERSION = 2  # bump when the face generator's output changes, to inval
 class PretrainSettings:
     arch: str = "demo-vit"
     pairs: int = 3000  # generated (image, caption) pairs
-    steps: int = 1200  # optimiser steps (about 3 minutes on 2 CPU cores)
+    steps: int = 1200  # optimiser steps (about 3 minutes on 2 idle CPU cores)
     batch_size: int = 64  # 32 takes more steps per second but learns less per second
     lr: float = 1e-3  # 2e-3 collapses this small ViT from scratch
     weight_decay: float = 0.05
@@ -74,9 +74,37 @@ def multi_positive_infonce(logits: torch.Tensor, groups: torch.Tensor) -> torch.
     return 0.5 * (image_to_text + text_to_image)
 
 
-def pretrain_clip(settings: PretrainSettings, progress: bool = True, workers: int = 1
+RECHECK_SECONDS = 10.0  # how often the thread count follows the machine's load
+REPORT_SECONDS = 60.0  # how often the log says how far pretraining is and what slows it
+
+
+class _Pace:
+    """Pretraining's thread count kept fitting the machine, and a log line a minute saying how far it is, how long
+    is left and, on a busy machine, why it takes longer than on an idle one."""
+
+    def __init__(self, steps: int, threads: int | None) -> None:
+        from ..engine.threads import ThreadGovernor
+
+        self.steps, self.governor = steps, ThreadGovernor(threads or None)
+        self.start = self.checked = self.reported = time.monotonic()
+
+    def step_done(self, step: int) -> None:
+        now = time.monotonic()
+        if now - self.checked >= RECHECK_SECONDS:
+            self.governor.recheck()
+            self.checked = now
+        if now - self.reported >= REPORT_SECONDS or step == 20:
+            self.reported = now
+            rate = step / max(now - self.start, 1e-9)
+            why = self.governor.why_slow()
+            log.info("pretraining the demo CLIP: step %d/%d, %.1f steps/s, about %.0f min left%s", step,
+                     self.steps, rate, (self.steps - step) / rate / 60, f" ({why})" if why else "")
+
+
+def pretrain_clip(settings: PretrainSettings, progress: bool = True, workers: int = 1, threads: int | None = None
                   ) -> tuple[torch.nn.Module, dict]:
-    """Contrastive training from random weights; returns the model and what it took."""
+    """Contrastive training from random weights; returns the model and what it took. ``threads``: a fixed count
+    (else chosen, and re-chosen as other work comes and goes)."""
     spec = get_arch(settings.arch)
     torch.manual_seed(settings.seed)
     start = time.perf_counter()
@@ -97,6 +125,7 @@ def pretrain_clip(settings: PretrainSettings, progress: bool = True, workers: in
     g = torch.Generator().manual_seed(settings.seed)
     losses = []
     bar = tqdm(total=settings.steps, disable=not progress, desc="pretraining demo CLIP", unit="step", leave=False)
+    pace = _Pace(settings.steps, threads)
     for step in range(settings.steps):
         lr = settings.lr * (step / warmup if step < warmup else
                             0.5 * (1 + math.cos(math.pi * (step - warmup) / max(settings.steps - warmup, 1))))
@@ -118,6 +147,7 @@ def pretrain_clip(settings: PretrainSettings, progress: bool = True, workers: in
             log.debug("pretraining step %d: loss %.3f", step + 1, np.mean(losses[-50:]))
         bar.update(1)
         bar.set_postfix_str(f"loss {np.mean(losses[-20:]):.3f}")
+        pace.step_done(step + 1)
     bar.close()
     stats = {"pairs": len(faces), "steps": settings.steps, "first_loss": float(np.mean(losses[:20])),
              "final_loss": float(np.mean(losses[-20:])), "generate_seconds": round(gen_seconds, 1),
@@ -134,7 +164,8 @@ def cached_clip(settings: PretrainSettings) -> Path | None:
     return path if path.is_file() and path.with_suffix(".json").is_file() else None
 
 
-def demo_clip_path(settings: PretrainSettings, progress: bool = True, workers: int = 1) -> Path:
+def demo_clip_path(settings: PretrainSettings, progress: bool = True, workers: int = 1,
+                   threads: int | None = None) -> Path:
     """The cached demo CLIP for these settings, pretrained (and cached) first if missing."""
     path = _cache_path(settings)
     if cached_clip(settings):
@@ -142,7 +173,7 @@ def demo_clip_path(settings: PretrainSettings, progress: bool = True, workers: i
         return path
     log.info("pretraining the demo CLIP (%d generated pairs, %d steps); cached at %s", settings.pairs,
              settings.steps, path)
-    model, stats = pretrain_clip(settings, progress, workers)
+    model, stats = pretrain_clip(settings, progress, workers, threads)
     save_clip_safetensors(model, get_arch(settings.arch), path,
                           source={"demo_pretraining": asdict(settings), "stats": stats})
     log.info("demo CLIP pretrained in %.0f s (final contrastive loss %.3f)", stats["seconds"], stats["final_loss"])

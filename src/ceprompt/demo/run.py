@@ -96,7 +96,8 @@ def _run(out: Path, plan: DemoPlan, quick: bool, seed: int, seeds: int, workers:
     if quick and cached_full is not None:
         log.info("quick demo: using the cached full demo CLIP")
     reused_full = bool(quick and cached_full)
-    clip = cached_full if reused_full else demo_clip_path(plan.pretrain, progress=progress, workers=workers)
+    clip = cached_full if reused_full else demo_clip_path(plan.pretrain, progress=progress, workers=workers,
+                                                                     threads=threads)
     clip_steps = (FULL if reused_full or not quick else QUICK).pretrain.steps
     lap("demo CLIP", t0)
 

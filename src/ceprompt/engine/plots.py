@@ -39,18 +39,24 @@ def plot_confusion(cm: Sequence[Sequence[int]], class_names: Sequence[str], path
 
 
 def plot_curves(summary_csvs: dict[str, Path], path: Path) -> Path:
-    """Loss and test accuracy per epoch for one or more runs' summary.csv files."""
+    """Loss and accuracy per epoch for one or more runs' summary.csv files (accuracy on the split each run
+    selected its best epoch on: test, or validation with data.val_fraction)."""
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    splits = set()
     for label, csv_path in summary_csvs.items():
         with open(csv_path, newline="") as fh:
-            rows = list(csv.DictReader(fh))
+            reader = csv.DictReader(fh)
+            split = "val" if "val_accuracy" in (reader.fieldnames or ()) else "test"
+            rows = list(reader)
+        splits.add(split)
         epochs = [int(r["epoch"]) for r in rows]
         ax_loss.plot(epochs, [float(r["train_loss"]) for r in rows], marker="o", label=label)
-        tested = [(int(r["epoch"]), float(r["test_accuracy"])) for r in rows if r.get("test_accuracy")]
-        if tested:
-            ax_acc.plot(*zip(*tested), marker="o", label=label)
+        scored = [(int(r["epoch"]), float(r[f"{split}_accuracy"])) for r in rows if r.get(f"{split}_accuracy")]
+        if scored:
+            ax_acc.plot(*zip(*scored), marker="o", label=label if len(summary_csvs) == 1 else f"{label} ({split})")
+    named = " / ".join(sorted({"val": "validation", "test": "test"}[s] for s in splits))
     ax_loss.set(xlabel="epoch", ylabel="training loss", title="training loss")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="test accuracy", ylim=(0, 1))
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", title=f"{named} accuracy", ylim=(0, 1))
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend()

@@ -18,14 +18,12 @@ from typing import Any, Sequence
 from tqdm import tqdm
 
 from ..core.config import dotted
+from ..core.extras import TRACKER_INSTALL, installed_trackers
 from ..experiment.config import Config
 from .evaluate import format_metrics
-from .run_dir import append_summary
+from .run_dir import SCORES, append_summary
 
 log = logging.getLogger(__name__)
-TRACKERS = ("tensorboard", "wandb", "mlflow")
-INSTALL = {"tensorboard": "pip install 'ceprompt[tensorboard]'", "wandb": "pip install wandb",
-           "mlflow": "pip install mlflow-skinny"}
 
 
 def flat_config(cfg: Config) -> dict[str, Any]:
@@ -113,19 +111,13 @@ class _MLflow:
 OPENERS = {"tensorboard": _TensorBoard, "wandb": _Wandb, "mlflow": _MLflow}
 
 
-def installed_trackers() -> dict[str, bool]:
-    import importlib.util
-
-    return {name: importlib.util.find_spec(name) is not None for name in TRACKERS}  # each imports as it is named
-
-
 def open_trackers(names: Sequence[str], run_dir: Path, cfg: Config) -> list[Any]:
     found = installed_trackers()
     trackers = []
     for name in names:
         if not found[name]:
             log.warning("run.log_to names %s, which is not installed (%s); training goes on without it", name,
-                        INSTALL[name])
+                        TRACKER_INSTALL[name])
             continue
         try:
             trackers.append(OPENERS[name](run_dir, cfg))
@@ -152,10 +144,8 @@ class Reporter:
                "train_images_per_second": f"{stats.images_per_second * world:.2f}", "threads": threads}
         split = self.selected_on
         if metrics:
-            row.update({f"{split}_accuracy": f"{metrics['accuracy']:.6f}",
-                        f"{split}_mean_class_accuracy": f"{metrics['mean_class_accuracy']:.6f}",
-                        f"{split}_macro_f1": f"{metrics['macro_f1']:.6f}"})
-        append_summary(self.run_dir, row)
+            row.update({f"{split}_{score}": f"{metrics[score]:.6f}" for score in SCORES})
+        append_summary(self.run_dir, row, split)
         shown = f"  {split} {format_metrics(metrics)}  best {best[0]:.4f}@{best[1]}" if metrics else ""
         log.info("epoch %d/%d  loss %.4f (ce %.4f kd %.4f)  train acc %.4f  lr %.2e  %.1f img/s  %.0fs%s",
                  epoch + 1, self.cfg.optim.epochs, stats.loss, stats.ce, stats.kd, stats.accuracy, stats.lr,

@@ -25,9 +25,15 @@ from ..experiment.config import Config
 from ..weights.checkpoint import RESUME_NAME, kept_copy
 
 log = logging.getLogger(__name__)
-SUMMARY_FIELDS = ["epoch", "lr", "train_loss", "train_ce", "train_kd", "train_accuracy", "test_accuracy",
-                  "test_mean_class_accuracy", "test_macro_f1", "epoch_seconds", "train_images_per_second", "threads",
-                  "val_accuracy", "val_mean_class_accuracy", "val_macro_f1"]  # val_*: with data.val_fraction
+SCORES = ("accuracy", "mean_class_accuracy", "macro_f1")
+
+
+def summary_fields(split: str) -> list[str]:
+    """``summary.csv``'s columns: the scores of the split that selects the best epoch ("test", or "val" with
+    data.val_fraction) and no empty columns for the other."""
+    return (["epoch", "lr", "train_loss", "train_ce", "train_kd", "train_accuracy"]
+            + [f"{split}_{score}" for score in SCORES]
+            + ["epoch_seconds", "train_images_per_second", "threads"])
 
 
 def run_dir_path(cfg: Config, rt: Runtime) -> Path:
@@ -106,30 +112,31 @@ def plan_run(cfg: Config, rt: Runtime, resume: str | Path | None, overwrite: boo
     return owned, path
 
 
-def write_summary(run_dir: Path, rows: list[dict[str, Any]]) -> None:
+def write_summary(run_dir: Path, rows: list[dict[str, Any]], split: str) -> None:
+    fields = summary_fields(split)
     with atomic_write(run_dir / "summary.csv") as tmp, open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=SUMMARY_FIELDS)
+        writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
 
 
-def append_summary(run_dir: Path, row: dict[str, Any]) -> None:
-    path = run_dir / "summary.csv"
-    rows = []
-    if path.is_file():
-        with open(path, newline="") as fh:
-            rows = list(csv.DictReader(fh))
-    write_summary(run_dir, rows + [row])
-
-
-def truncate_summary(run_dir: Path, epochs_done: int) -> None:
-    """Drop rows of an epoch whose state was never saved (killed between the two writes)."""
+def read_summary(run_dir: Path) -> list[dict[str, str]]:
     path = run_dir / "summary.csv"
     if not path.is_file():
-        return
+        return []
     with open(path, newline="") as fh:
-        rows = [r for r in csv.DictReader(fh) if int(r["epoch"]) <= epochs_done]
-    write_summary(run_dir, rows)
+        return list(csv.DictReader(fh))
+
+
+def append_summary(run_dir: Path, row: dict[str, Any], split: str) -> None:
+    write_summary(run_dir, read_summary(run_dir) + [row], split)
+
+
+def truncate_summary(run_dir: Path, epochs_done: int, split: str) -> None:
+    """Drop rows of an epoch whose state was never saved (killed between the two writes)."""
+    rows = read_summary(run_dir)
+    if rows or (run_dir / "summary.csv").is_file():
+        write_summary(run_dir, [r for r in rows if int(r["epoch"]) <= epochs_done], split)
 
 
 def keep_best(run_dir: Path) -> Path | None:

@@ -43,8 +43,12 @@ def bootstrap_difference(a_right: Sequence[bool], b_right: Sequence[bool], sampl
     if a.shape != b.shape or not len(a):
         raise ValueError(f"paired predictions of lengths {len(a)} and {len(b)}; expected the same, at least one")
     diff = a - b
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, len(diff), size=(samples, len(diff)))
-    means = diff[draws].mean(axis=1)
+    # A resample of the n paired items is fully described by how many of its items are +1, 0 and -1: draw those
+    # counts (multinomial, the same distribution as drawing items), in memory that does not grow with n (drawing
+    # 2000 x n indices took 5 GB at 150,000 images).
+    n = len(diff)
+    shares = np.array([(diff > 0).sum(), (diff < 0).sum(), (diff == 0).sum()], dtype=np.float64) / n
+    counts = np.random.default_rng(seed).multinomial(n, shares, size=samples)
+    means = (counts[:, 0] - counts[:, 1]) / n
     low, high = np.percentile(means, [2.5, 97.5])
     return {"difference": float(diff.mean()), "ci_low": float(low), "ci_high": float(high), "samples": samples}

@@ -149,8 +149,9 @@ def set_threads(requested: int | None = None) -> int:
 
 
 class ThreadGovernor:
-    """Training's thread count: fixed when the user chose it, else re-chosen at each epoch from the
-    load other processes put on our cores during the previous one.
+    """A long job's thread count: fixed when the user chose it, else re-chosen at each :meth:`recheck` (training:
+    every epoch; the demo CLIP's pretraining: every few seconds) from the load other processes put on our cores
+    since the previous one.
 
     With ``adapt=False`` (``--deterministic``: results depend on the thread count, since torch's CPU
     kernels split some sums per thread) the count is every usable core, whatever the load.
@@ -161,8 +162,9 @@ class ThreadGovernor:
         self.usable = usable_cpus()
         self.threads = set_threads(requested or (None if adapt else self.usable))
         self.sample = CpuSample.now()
+        self.busy = 0.0  # cores other processes kept busy over the last interval (measured when adapting)
 
-    def next_epoch(self) -> int:
+    def recheck(self) -> int:
         import torch
 
         if self.fixed or self.sample is None:
@@ -170,12 +172,19 @@ class ThreadGovernor:
         now = CpuSample.now()
         if now is None:
             return self.threads
-        busy = self.sample.others_busy(now)
+        self.busy = self.sample.others_busy(now)
         self.sample = now
-        threads = free_threads(busy, self.usable)
+        threads = free_threads(self.busy, self.usable)
         if threads != self.threads:
-            log.info("CPU threads %d -> %d (%.1f of %d cores busy with other work)", self.threads, threads, busy,
-                     self.usable)
+            log.info("CPU threads %d -> %d (%.1f of %d cores busy with other work)", self.threads, threads,
+                     self.busy, self.usable)
             torch.set_num_threads(threads)
             self.threads = threads
         return self.threads
+
+    def why_slow(self) -> str:
+        """Why the job may run slower than on an idle machine, or ``""``."""
+        if self.busy >= 0.5:
+            return (f"other processes keep {self.busy:.1f} of {self.usable} cores busy, so it runs on "
+                    f"{self.threads} thread(s)")
+        return ""

@@ -32,7 +32,6 @@ from ..data.datasets import (
     Sample,
     default_augment,
     default_balanced,
-    validation_split,
 )
 from ..data.samplers import TrainSampler
 from ..data.transforms import test_transform, train_augment
@@ -40,7 +39,7 @@ from ..experiment.config import Config, dump_config, load_config
 from ..model.stage import Stage, TrainBatch
 from ..model.towers import compiled_block_forward
 from ..model.trainable import load_trainable
-from ..weights.build import BuiltModel, build_for_training, checkpoint_meta, preprocess_from_config
+from ..weights.build import BuiltModel, build_for_training, check_init, checkpoint_meta, preprocess_from_config
 from ..weights.checkpoint import load_resume, read_checkpoint, save_checkpoint, save_resume
 from .evaluate import eval_loader, evaluate, format_metrics, reraise_worker_error, unwrap, write_report
 from .metrics import fit_temperature
@@ -100,8 +99,8 @@ class Trainer:
         d = cfg.data
         resize = self.preprocess.resize()
         augment = train_augment(d.augment or default_augment(d.dataset), self.preprocess)
-        train, held_out = validation_split(self.splits.train, d.val_fraction, cfg.run.seed)
-        self.train_set = FERDataset(train, resize, augment, cache=d.cache_images, workers=d.workers)
+        held_out = self.splits.val
+        self.train_set = FERDataset(self.splits.train, resize, augment, cache=d.cache_images, workers=d.workers)
         self.test_set = FERDataset(self.splits.test, resize, test_transform(self.preprocess), cache=d.cache_images,
                                    workers=d.workers)
         # the split that chooses the best epoch and the temperature: a validation split carved from the training
@@ -219,7 +218,7 @@ class Trainer:
             self.kept_best = keep_best(self.run_dir)
         self.best_accuracy, self.best_epoch = float(state["best_accuracy"]), int(state["best_epoch"])
         if self.rt.is_main:
-            truncate_summary(self.run_dir, self.start_epoch)
+            truncate_summary(self.run_dir, self.start_epoch, self.selected_on)
         log.info("resumed %s after epoch %d (best test accuracy %.4f at epoch %d)", self.run_dir,
                  self.start_epoch, self.best_accuracy, self.best_epoch)
 
@@ -345,7 +344,7 @@ class Trainer:
         cfg, rt = self.cfg, self.rt
         epochs = cfg.optim.epochs
         for epoch in range(self.start_epoch, epochs):
-            self.threads.next_epoch()
+            self.threads.recheck()
             stats = self.train_epoch(epoch)
             metrics = None
             if (epoch + 1) % cfg.run.eval_every == 0 or epoch + 1 == epochs:
@@ -439,6 +438,8 @@ def train(cfg: Config, resume: str | Path | None = None, overwrite: bool = False
     Everything is validated (config, data, backbone, stage-1 checkpoint) before the run directory is
     created or replaced; a replaced run disappears only once the new one has saved a checkpoint.
     """
+    if resume is None:
+        check_init(cfg)  # a missing stage-1 run is said before the data is read
     rt = setup_runtime(cfg.run.device, cfg.run.precision, cfg.run.deterministic)
     handler, owned, lock, trainer = None, None, None, None
     try:

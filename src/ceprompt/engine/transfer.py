@@ -14,8 +14,11 @@ def _accuracy(predicted: np.ndarray, labels: np.ndarray) -> float | None:
     return float((predicted == labels).mean()) if len(labels) else None
 
 
-def transfer_metrics(scores: np.ndarray, labels: Sequence[int], seen: Sequence[bool]) -> dict[str, Any]:
-    """``scores``: (images, classes); ``seen``: per class, whether the model was trained for it."""
+def transfer_metrics(scores: np.ndarray, labels: Sequence[int], seen: Sequence[bool], base_to_novel: bool = False
+                     ) -> dict[str, Any]:
+    """``scores``: (images, classes); ``seen``: per class, whether the model was trained for it. ``base_to_novel``:
+    the model was trained on base classes only (``data.base_classes``), the protocol that reports base, novel and H;
+    they are reported when each side has at least two classes (an accuracy among one class is 1 by construction)."""
     labels_ = np.asarray(labels, dtype=np.int64)
     seen_ = np.asarray(seen, dtype=bool)
     predicted = scores.argmax(axis=1)
@@ -23,7 +26,7 @@ def transfer_metrics(scores: np.ndarray, labels: Sequence[int], seen: Sequence[b
     out: dict[str, Any] = {"accuracy_seen": _accuracy(predicted[on_seen], labels_[on_seen]),
                            "accuracy_unseen": _accuracy(predicted[~on_seen], labels_[~on_seen]),
                            "images_seen": int(on_seen.sum()), "images_unseen": int((~on_seen).sum())}
-    if seen_.any() and (~seen_).any():
+    if base_to_novel and seen_.sum() >= 2 and (~seen_).sum() >= 2:
         parts = {}
         for name, columns, rows in (("base", np.flatnonzero(seen_), on_seen), ("novel", np.flatnonzero(~seen_),
                                                                                  ~on_seen)):

@@ -20,6 +20,7 @@ import yaml
 
 from ..core.config import apply_values, check_fields, merge, parse_override, read_yaml, setting
 from ..core.errors import ConfigError, brief
+from ..core.extras import TRACKERS
 from ..core.ranges import POSITIVE, UNIT, Range
 from ..data.datasets import DATASET_NAMES
 from ..data.transforms import AUGMENTATIONS
@@ -32,7 +33,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 COMPAT_MODES = ("none", "authors")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-TRACKERS = ("tensorboard", "wandb", "mlflow")
 # The words the authors' code puts in its prompts, per dataset (docs/authors-checkpoints.md). "disgusted" is
 # one BPE token where "disgust" is two, which moves the end token. The authors have no AffectNet-8 or
 # FERPlus table; ceprompt uses the same words there, with "contempt" for the eighth class.
@@ -59,6 +59,7 @@ class BackboneConfig:
     activation: str = setting("auto", choices=("auto", "quickgelu", "gelu"))  # auto (from the file; QuickGELU for
     #   plain state dicts), quickgelu or gelu
     init: str | None = None  # stage 2: the stage-1 checkpoint (.safetensors file or run directory)
+    description: str | None = None  # what the CLIP weights are, for the model card (None: their name or arch)
 
 
 @dataclass
@@ -67,6 +68,8 @@ class DataConfig:
     root: str | None = None  # dataset root folder, laid out as docs/method.md section 4 / README describe
     image_dir: str | None = None  # rafdb: image folder under root (default Image/aligned_224, else Image/aligned)
     classes: list[str] | None = None  # folder datasets: class order (default: sorted folder names)
+    description: str | None = None  # what the training images are, for the model card (None: the dataset named by
+    #   data.dataset itself)
     prompt_names: list[str] | None = None  # words for the classes in prompts (None: the class names; compat
     #   authors: the authors' words, e.g. "disgusted"); labels shown to users stay the class names
     resize: str | None = setting(None, choices=("square", "shorter"))  # square (resize to size x size) or shorter
@@ -90,7 +93,7 @@ class DataConfig:
     base_classes: list[str] | None = None  # train on these classes only (base-to-novel); eval then reports base,
     #   novel and their harmonic mean
     shots: int = setting(0, accepts=Range(0, 1_000_000, integer=True))  # few-shot: train on this many images per
-    #   class, drawn with run.seed (listed in the run); 0: all
+    #   class, drawn with run.seed (listed in the run) after data.val_fraction's share is held out; 0: all
     val_fraction: float = setting(0.0, accepts=Range(0, 0.5))  # share of each class's training images held out to
     #   choose the best epoch and the temperature (the test split is then evaluated once); 0: both chosen on the
     #   test split, the paper's protocol
@@ -187,6 +190,9 @@ class Config:
             (all(isinstance(e, str) and e.count("=") == 1 and all(part.strip() for part in e.split("="))
                  for e in d.class_aliases or []),
              f"data.class_aliases={brief(d.class_aliases)}; expected entries ALIAS=CLASS, e.g. joyful=happy"),
+            (d.base_classes is None or len(d.base_classes) >= 2,
+             f"data.base_classes={brief(d.base_classes)}: a model needs at least two classes to tell apart; name "
+             "two or more base classes"),
             (d.prompt_names is None or all(isinstance(n, str) and n.strip() for n in d.prompt_names),
              "data.prompt_names: expected a list of non-empty words"),
             (name is None or (name.strip() and name.isprintable() and "/" not in name and "\\" not in name

@@ -8,21 +8,14 @@ import platform
 import tempfile
 import warnings
 from pathlib import Path
-
-import torch
+from typing import Any
 
 from .. import __version__
-from ..core.runtime import auto_precision
-from ..model.clip import build_clip, get_arch, tokenize
-from ..weights.clip_files import load_clip, save_clip_safetensors
+from ..core.extras import EXTRAS, TRACKER_INSTALL, installed_trackers
 
-# ceprompt's optional extras (pyproject.toml) and the packages each brings.
-EXTRAS = {
-    "face": ("facenet-pytorch",),
-    "video": ("av",),
-    "onnx": ("onnx", "onnxscript", "onnxruntime"),
-    "serve": ("fastapi", "uvicorn", "python-multipart"),
-}
+# torch and what builds on it are imported by the checks themselves: the tool that diagnoses an installation must
+# run on a broken one (torch and torchvision that do not match, say) and say what is wrong.
+
 
 
 def _version(dist: str) -> str | None:
@@ -63,12 +56,35 @@ def _cpu() -> list[tuple[str, str]]:
     ]
 
 
-def _precision(device: torch.device) -> str:
+def _imports() -> tuple[list[tuple[str, str]], bool]:
+    """Each of the packages every command needs, imported: (rows, all imported)."""
+    rows, ok = [], True
+    for module in ("torch", "torchvision", "open_clip"):
+        try:
+            __import__(module)
+            rows.append((module, "imports"))
+        except Exception as exc:  # noqa: BLE001 - a diagnosis, whatever the failure
+            ok = False
+            message = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+            hint = ""
+            if "torchvision::" in message or ("operator" in message and "does not exist" in message):
+                hint = (f" -> torch {_version('torch')} and torchvision {_version('torchvision')} do not match: "
+                        "install the torchvision released with your torch (both from the same index, e.g. pip "
+                        "install --force-reinstall torch==X torchvision==Y with Y the release made for X)")
+            rows.append((module, f"FAILED to import ({message}){hint}"))
+    return rows, ok
+
+
+def _precision(device: Any) -> str:
+    from ..core.runtime import auto_precision
+
     chosen, why = auto_precision(device)
     return f"--precision auto = {chosen}: {why}"
 
 
 def _devices() -> list[tuple[str, str]]:
+    import torch
+
     rows = [("cpu", _precision(torch.device("cpu")))]
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
@@ -80,6 +96,11 @@ def _devices() -> list[tuple[str, str]]:
 
 def _write_formats(arch: str, folder: Path) -> dict[str, Path]:
     """The same random CLIP written as a TorchScript archive, a wrapped state dict and safetensors."""
+    import torch
+
+    from ..model.clip import build_clip, get_arch, tokenize
+    from ..weights.clip_files import save_clip_safetensors
+
     spec = get_arch(arch)
     model = build_clip(spec, seed=0)
     images = torch.randn(2, 3, spec.image_size, spec.image_size)
@@ -104,6 +125,11 @@ def _huggingface_check(folder: Path) -> tuple[str, float] | None:
         import transformers
     except ImportError:
         return None
+    import torch
+
+    from ..model.clip import tokenize
+    from ..weights.clip_files import load_clip
+
     config = transformers.CLIPConfig(
         text_config=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
                          max_position_embeddings=77, vocab_size=49408),
@@ -129,16 +155,33 @@ def _huggingface_check(folder: Path) -> tuple[str, float] | None:
 
 
 def run_doctor(arch: str = "tiny-vit") -> int:
-    """Print the report; exit status 1 if any format failed to round-trip."""
-    from ..engine.reporting import INSTALL, installed_trackers
-
-    trackers = [(name, "installed" if found else f"not installed: {INSTALL[name]}")
+    """Print the report; exit status 1 if a package does not import or a format fails to round-trip."""
+    imports, importable = _imports()
+    trackers = [(name, "installed" if found else f"not installed: {TRACKER_INSTALL[name]}")
                 for name, found in installed_trackers().items()]
-    for title, rows in (("versions", _versions()), ("optional extras", _extras()),
-                        ("experiment trackers (run.log_to)", trackers), ("cpu", _cpu()), ("devices", _devices())):
+    sections = [("versions", _versions()), ("imports", imports), ("optional extras", _extras()),
+                ("experiment trackers (run.log_to)", trackers), ("cpu", _cpu())]
+    if importable:
+        sections.append(("devices", _devices()))
+    for title, rows in sections:
         print(f"{title}:")
         for name, value in rows:
             print(f"  {name:16s} {value}")
+    if not importable:
+        print("devices and the CLIP round trip are skipped until the packages above import")
+        return 1
+    failed = _round_trip(arch)
+    print("all checks passed" if not failed else f"{failed} check(s) failed")
+    return 1 if failed else 0
+
+
+def _round_trip(arch: str) -> int:
+    """A random CLIP written in every format ceprompt reads and read back: the number of formats that failed."""
+    import torch
+
+    from ..model.clip import build_clip, get_arch, tokenize
+    from ..weights.clip_files import load_clip
+
     spec = get_arch(arch)
     reference = build_clip(spec, seed=0)
     images = torch.randn(4, 3, spec.image_size, spec.image_size, generator=torch.Generator().manual_seed(1))
@@ -169,5 +212,4 @@ def run_doctor(arch: str = "tiny-vit") -> int:
             failed += not ok
             print(f"  {'huggingface':12s} detected as {hf[0]:12s} relative error {hf[1]:.1e}  "
                   f"{'ok' if ok else 'FAILED'}  (written by transformers)")
-    print("all checks passed" if not failed else f"{failed} check(s) failed")
-    return 1 if failed else 0
+    return failed

@@ -101,7 +101,9 @@ def _evaluate(rt: Runtime, out_path: Path, overwrite: bool, data_root: str | Pat
             text = model.text_features(words)
     metrics, scores = evaluate(model, data, class_names, rt, batch_size, workers, progress, text_features=text)
     if transfer.get("unseen_classes") or transfer.get("mapped"):
-        metrics.update(transfer_metrics(scores, data.labels, transfer["seen"]))
+        trained_on_base = bool(checkpoint is not None and
+                               ((loaded.meta.get("config") or {}).get("data") or {}).get("base_classes"))
+        metrics.update(transfer_metrics(scores, data.labels, transfer["seen"], base_to_novel=trained_on_base))
     if rt.is_main:
         extra = {**source, "dataset": dataset, "data_root": str(data_root), "split": split, **transfer}
         write_report(out_dir, data, class_names, scores, metrics, extra=extra)

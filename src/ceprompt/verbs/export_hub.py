@@ -96,6 +96,20 @@ def hub_config(meta: dict[str, Any], dtype: str) -> dict[str, Any]:
     }
 
 
+RESEARCH_DATASETS = {"rafdb": "RAF-DB", "affectnet7": "AffectNet (7 classes)", "affectnet8": "AffectNet (8 classes)",
+                     "ferplus": "FERPlus"}
+
+
+def training_data(config: dict[str, Any]) -> str:
+    """What the model was trained on, in words: the run's data.description, else the dataset data.dataset names
+    (a folder dataset is the user's own images)."""
+    data = config["config"].get("data") or {}
+    if data.get("description"):
+        return str(data["description"])
+    dataset = config.get("dataset")
+    return RESEARCH_DATASETS.get(dataset, f"the trainer's own images (a {dataset} dataset)")
+
+
 def _metrics_table(config: dict[str, Any]) -> str:
     metrics = config.get("test_metrics")
     if not metrics:
@@ -105,8 +119,23 @@ def _metrics_table(config: dict[str, Any]) -> str:
             ("macro-F1", metrics.get("macro_f1"))]
     lines = ["| metric | value |", "|---|---|", *[f"| {name} | {value:.4f} |" for name, value in rows
                                                   if isinstance(value, (int, float))]]
-    return "\n".join(lines) + f"\n\nOn the {config.get('dataset')} test split ({metrics.get('n')} images), the " \
-        "checkpoint's best epoch (highest test accuracy, the paper's protocol).\n"
+    return "\n".join(lines) + f"\n\nOn the test split of the training data ({training_data(config)}; " \
+        f"{metrics.get('n')} images), at the checkpoint's best epoch.\n"
+
+
+def _license(config: dict[str, Any]) -> str:
+    described = ((config["config"].get("data") or {}).get("description"))
+    data = "" if described else {"rafdb": "RAF-DB", "affectnet7": "AffectNet", "affectnet8": "AffectNet",
+                                 "ferplus": "FERPlus"}.get(config.get("dataset"), "")
+    research = (f" {data} is released for non-commercial research only." if data else "")
+    return (f"The weights derive from the backbone above and were trained on {training_data(config)}; the terms of "
+            f"both apply.{research} Check them before any use.")
+
+
+def _backbone_name(cfg: dict[str, Any], backbone: dict[str, Any]) -> str:
+    described = (cfg.get("backbone") or {}).get("description")
+    return str(described or backbone.get("name") or backbone.get("arch")
+               or "a CLIP file given by path (its name was not recorded; its SHA-256 identifies it)")
 
 
 def model_card(config: dict[str, Any], size_mb: float) -> str:
@@ -135,7 +164,7 @@ tags:
 - ceprompt
 ---
 
-# CEPrompt facial expression model: {config.get('dataset')}, {stage.title}
+# CEPrompt facial expression model: {training_data(config)}, {stage.title}
 {notice}
 A [CEPrompt](https://doi.org/10.1109/TCSVT.2024.3424777) model trained with ceprompt {config['ceprompt_version']}.
 Classes (label, with the word used in the prompts where it differs): {words}.
@@ -145,31 +174,33 @@ Classes (label, with the word used in the prompts where it differs): {words}.
 {_metrics_table(config)}
 ## Training data and settings
 
-- dataset: {config.get('dataset')}
+- training data: {training_data(config)} (data.dataset={config.get('dataset')})
 {chr(10).join('- ' + s for s in settings)}
 - probability temperature: {f'{temperature:.3f} (fitted on the test split; it changes no prediction)' if temperature
                             else '1 (not calibrated)'}
 
 ## Backbone
 
-{backbone.get('name') or backbone.get('arch') or 'a user-supplied CLIP file'}: ViT {spec['image_size']} px,
+{_backbone_name(cfg, backbone)}: ViT {spec['image_size']} px,
 patch {spec['patch_size']}, vision width {spec['vision_width']} x {spec['vision_layers']} blocks, text width
 {spec['text_width']} x {spec['text_layers']}{f", SHA-256 {backbone['sha256']}" if backbone.get('sha256') else ''}.
 License of the backbone weights: {backbone_license(backbone)}.
 
 ## License
 
-The weights derive from the backbone above and were trained on {config.get('dataset')}; the terms of both apply
-(RAF-DB, AffectNet and FERPlus are released for non-commercial research). Check them before any other use.
+{_license(config)}
 
 ## Usage
 
 ```python
-import ceprompt                                  # pip install ceprompt
+import ceprompt                                  # ceprompt {config['ceprompt_version']} or later
 rec = ceprompt.load("hf-hub:ORG/NAME")           # or a local copy of this folder
-for face in rec.predict("photo.jpg"):            # MTCNN finds faces: pip install "ceprompt[face]"
+for face in rec.predict("photo.jpg"):            # MTCNN finds faces (the "face" extra)
     print(face.box, face.label, face.probabilities)
 ```
+
+ceprompt is installed from its source folder (no package index serves it): in a clone,
+`pip install -e ".[face]"`.
 
 ```bash
 ceprompt predict hf-hub:ORG/NAME photos/ --output faces.csv

@@ -12,80 +12,26 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator
 
 from PIL import Image
 from tqdm import tqdm
 
 from ..api import Explanation, FaceResult, Recognizer
 from ..core.errors import CepromptError, ConfigError
-from ..core.outputs import OutputFile, PictureFolder, distinct_outputs
 from ..core.paths import file_stem
 from ..core.ranges import POSITIVE_INT, check
 from ..core.runtime import Runtime
 from ..core.shares import Share, ShareStore, deal, file_costs, job_key, plan_shares
 from ..data.images import IMAGE_SUFFIXES, VIDEO_SUFFIXES
 from .drawing import annotate, explanation_image
-from .predict_video import VideoOptions, predict_video
+from .predict_plan import PredictPlan, VideoOptions, expand_inputs, plan_predict
+from .predict_video import predict_video
 from .rows import Record, Writer, error_row, record, write_summary
 
 log = logging.getLogger(__name__)
 __all__ = ["PredictPlan", "VideoOptions", "Writer", "expand_inputs", "plan_predict", "run_predict"]
-
-
-def expand_inputs(paths: Sequence[str], suffixes: frozenset[str] = IMAGE_SUFFIXES | VIDEO_SUFFIXES
-                  ) -> list[Path]:
-    """Files as given (any suffix: unsupported ones become error rows) and, searched recursively, the files of
-    folders that have one of ``suffixes``."""
-    out: list[Path] = []
-    for raw in paths:
-        p = Path(raw).expanduser()
-        if p.is_dir():
-            out.extend(sorted(f for f in p.rglob("*") if f.suffix.lower() in suffixes))
-        else:
-            out.append(p)
-    return out
-
-
-@dataclass
-class PredictPlan:
-    """Inputs and outputs of a predict run, all checked before the model is loaded."""
-
-    files: list[Path]
-    output: OutputFile | None  # None: stdout
-    fmt: str
-    annotate: PictureFolder | None
-    explain: PictureFolder | None
-    video: VideoOptions
-    summary: OutputFile | None = None
-    timeline: PictureFolder | None = None
-
-    def folders(self) -> list[PictureFolder]:
-        return [f for f in (self.annotate, self.explain, self.timeline) if f is not None]
-
-
-def plan_predict(inputs: Sequence[str], output: str = "-", fmt: str | None = None, annotate_dir: str | None = None,
-                 explain_dir: str | None = None, video_stride: int | None = None, overwrite: bool = False,
-                 fps: float | None = None, smooth: float | None = None, track_memory: float | None = None,
-                 summary: str | None = None, timeline_dir: str | None = None) -> PredictPlan:
-    video = VideoOptions.checked(video_stride, fps, smooth, track_memory)
-    fmt = fmt or ("jsonl" if output.endswith((".jsonl", ".json")) else "csv")
-    if fmt not in ("csv", "jsonl"):
-        raise ConfigError(f"--format {fmt!r}: expected csv or jsonl")
-    distinct_outputs(("--output", output), ("--summary", summary))
-    files = expand_inputs(inputs)
-    if not files:
-        raise ConfigError(f"no images or videos found in {list(inputs)}")
-    out = None if output == "-" else OutputFile(output, overwrite, "--output")
-    # pictures are named after the inputs: a folder with files in it could hold an earlier run's, which this run
-    # would replace one by one
-    folders = [PictureFolder(path, option, overwrite) if path else None
-               for path, option in ((annotate_dir, "--annotate"), (explain_dir, "--explain"),
-                                    (timeline_dir, "--timeline"))]
-    return PredictPlan(files, out, fmt, folders[0], folders[1], video,
-                       OutputFile(summary, overwrite, "--summary") if summary else None, folders[2])
 
 
 def _stem(index: int, path: Path) -> str:

@@ -4,7 +4,6 @@ annotated video (track ids and smoothed labels drawn on every frame), the per-tr
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -12,30 +11,13 @@ from ..api import Recognizer
 from ..core.errors import CepromptError
 from ..core.outputs import PictureFolder
 from ..core.paths import file_stem
-from ..core.ranges import check
-from ..video.decode import Frame, check_sampling
+from ..video.decode import Frame
 from ..video.encode import AnnotatedVideo
 from ..video.summary import VideoSummary, plot_timeline
-from ..video.tracking import DEFAULT_MEMORY, DEFAULT_SMOOTH, MEMORY, SMOOTH, TrackedFace
+from ..video.tracking import TrackedFace
 from .drawing import annotate_tracked
+from .predict_plan import VideoOptions
 from .rows import Record, error_row, record
-
-DEFAULT_STRIDE = 5
-
-
-@dataclass(frozen=True)
-class VideoOptions:
-    stride: int | None  # every N-th frame (default 5 when fps is not given)
-    fps: float | None  # or F frames per second, whatever the source rate
-    smooth: float  # seconds, the time constant of the smoothing along each track (0: off)
-    memory: float  # seconds a lost face keeps its track id
-
-    @classmethod
-    def checked(cls, stride: int | None = None, fps: float | None = None, smooth: float | None = None,
-                memory: float | None = None) -> "VideoOptions":
-        stride, fps = check_sampling(stride if stride is not None or fps is not None else DEFAULT_STRIDE, fps)
-        return cls(stride, fps, float(check("--smooth", DEFAULT_SMOOTH if smooth is None else smooth, SMOOTH)),
-                   float(check("--track-memory", DEFAULT_MEMORY if memory is None else memory, MEMORY)))
 
 
 def predict_video(rec: Recognizer, index: int, path: Path, options: VideoOptions, detect: str, batch_size: int,

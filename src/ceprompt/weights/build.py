@@ -28,7 +28,7 @@ from ..model.clip import ClipSpec, build_clip, get_arch, infer_spec
 from ..model.stage import BuildOptions, ClassWords, Stage
 from ..model.stages import STAGES, ZERO_SHOT, stage_class
 from ..model.trainable import load_into, load_trainable
-from .checkpoint import check_header_dtypes, kept_copy, non_finite, read_checkpoint, validate_meta
+from .checkpoint import check_header_dtypes, kept_copy, non_finite, read_checkpoint, resolve_checkpoint, validate_meta
 from .clip_files import load_clip
 from .hub import HF_PREFIX, download_model, is_name, resolve_clip
 
@@ -170,17 +170,31 @@ class BuiltModel:
     init: dict[str, Any] | None  # stage 2: the stage-1 checkpoint it builds on
 
 
+def check_init(cfg: Config) -> Path | None:
+    """The checkpoint a later stage starts from (``backbone.init``, ``--init``), found before anything loads;
+    None for a stage that starts from CLIP."""
+    base_stage = STAGES[cfg.stage].builds_on
+    if base_stage is None:
+        return None
+    number = STAGES[base_stage].number
+    if not cfg.backbone.init:
+        raise CheckpointError(f"stage {STAGES[cfg.stage].number} ({cfg.stage}) needs the stage-{number} checkpoint "
+                              f"it starts from: pass --init (a stage-{number} run directory or checkpoint) or set "
+                              "backbone.init")
+    try:
+        return resolve_checkpoint(cfg.backbone.init)
+    except CheckpointError as exc:
+        raise CheckpointError(f"backbone.init (--init): {exc}; pass --init with your stage-{number} run directory "
+                              "or its checkpoint") from None
+
+
 def build_for_training(cfg: Config, class_names: Sequence[str]) -> BuiltModel:
     base_stage = stage_class(cfg.stage).builds_on
     if base_stage is None:
         backbone = load_backbone(cfg.backbone)
         return BuiltModel(build_stage(cfg, backbone.clip, class_names, training=True), backbone.spec,
                           backbone.record, None)
-    if not cfg.backbone.init:
-        raise CheckpointError(f"stage {STAGES[cfg.stage].number} ({cfg.stage}) needs the stage-"
-                              f"{STAGES[base_stage].number} checkpoint it starts from: pass --init (a stage-"
-                              f"{STAGES[base_stage].number} run directory or checkpoint) or set backbone.init")
-    base = read_checkpoint(cfg.backbone.init)
+    base = read_checkpoint(check_init(cfg))
     _, base_meta, base_path = base
     if cfg.backbone.path or cfg.backbone.arch:
         backbone = load_backbone(cfg.backbone)

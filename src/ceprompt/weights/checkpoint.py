@@ -28,6 +28,7 @@ from ..data.images import IMAGE_SUFFIXES, VIDEO_SUFFIXES
 from .torchscript_data import check_zip_entries
 
 META_KEY = "ceprompt.meta"
+CONTENT_KEY = "ceprompt.content"  # SHA-256 of the description and the tensors (names, dtypes, shapes, bytes)
 KIND = "ceprompt-checkpoint"
 RESUME_NAME = "resume.pt"
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
@@ -72,16 +73,46 @@ def save_checkpoint(path: str | os.PathLike, tensors: dict[str, torch.Tensor], m
                             f"{' ...' if len(bad) > 3 else ''})")
     meta = {"kind": KIND, "ceprompt_version": __version__, **meta}
     text = json.dumps(meta, indent=2, default=str, allow_nan=False)
+    tensors = {k: v.detach().to(dtype).contiguous().cpu() for k, v in tensors.items()}
+    digest = content_digest(tensors, text)
+    # safetensors writes its metadata in no fixed order, so the same checkpoint saved again (a resumed run that
+    # finds no better epoch, the same temperature) would get another file hash, and the stage-2 runs that recorded
+    # the hash would need a kept copy; an unchanged checkpoint is therefore not written again
+    if stored_digest(path) == digest and path.with_suffix(".json").is_file():
+        return path
     try:
         with atomic_write(path) as tmp:
-            save_file({k: v.detach().to(dtype).contiguous().cpu() for k, v in tensors.items()}, str(tmp),
-                      metadata={META_KEY: text, "format": "pt"})
+            save_file(tensors, str(tmp), metadata={META_KEY: text, "format": "pt", CONTENT_KEY: digest})
         with atomic_write(path.with_suffix(".json")) as tmp:
             tmp.write_text(text + "\n")
     except OSError as exc:
         raise TrainingError(f"{path}: cannot write the checkpoint ({exc.strerror or exc}); the previous file, "
                             "if any, is intact") from None
     return path
+
+
+def content_digest(tensors: dict[str, torch.Tensor], text: str) -> str:
+    import hashlib
+
+    h = hashlib.sha256(text.encode())
+    for key in sorted(tensors):
+        value = tensors[key]
+        h.update(f"\0{key}\0{value.dtype}\0{tuple(value.shape)}\0".encode())
+        h.update(value.reshape(-1).view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return h.hexdigest()
+
+
+def stored_digest(path: Path) -> str | None:
+    """The content digest a checkpoint written by :func:`save_checkpoint` records (its header only), or None."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as fh:
+            return (fh.metadata() or {}).get(CONTENT_KEY)
+    except Exception:  # unreadable: written again
+        return None
 
 
 def kept_copy(path: Path, sha256: str) -> Path:

@@ -1,0 +1,35 @@
+"""ceprompt's optional packages, in one place: what each extra of pyproject.toml brings, the experiment trackers,
+and whether a package is installed (found without importing it, so that checks cost nothing and run before torch)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+# extra -> the distributions it installs (pyproject.toml's [project.optional-dependencies])
+EXTRAS = {
+    "face": ("facenet-pytorch",),
+    "video": ("av", "trackers"),
+    "onnx": ("onnx", "onnxscript", "onnxruntime"),
+    "serve": ("fastapi", "uvicorn", "python-multipart", "websockets"),
+}
+# experiment trackers (run.log_to), each imported by its own name, and how to install it
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+TRACKER_INSTALL = {"tensorboard": "pip install 'ceprompt[tensorboard]'", "wandb": "pip install wandb",
+                   "mlflow": "pip install mlflow-skinny"}
+
+
+def installed(module: str) -> bool:
+    """Whether ``module`` can be imported (found, not imported)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def installed_trackers() -> dict[str, bool]:
+    return {name: installed(name) for name in TRACKERS}
+
+
+def missing(needed: list[tuple[str, str]]) -> list[str]:
+    """The extras, sorted, of the ``(module, extra)`` pairs whose module is not installed."""
+    return sorted({extra for module, extra in needed if not installed(module)})
