@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import statistics
 import sys
 import time
@@ -19,6 +20,22 @@ from ceprompt.model.stages import stage_class
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["surprise", "fear", "disgust", "happy", "sad", "anger", "neutral"]
 PRECISIONS = ("fp32", "bf16")
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
+
+
+def cpu_description() -> tuple[str, list[str]]:
+    """(model name, the flags of :data:`CPU_FLAGS` it has): which CPU a result was measured on."""
+    flags: set[str] = set()
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+            elif line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return model, [f for f in CPU_FLAGS if f in flags]
 
 
 def autocast(device: str, precision: str):

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -52,6 +51,7 @@ from bench_common import (
     PRECISIONS,
     ROOT,
     autocast,
+    cpu_description,
     batch_for,
     head_for,
     interleaved,
@@ -62,7 +62,6 @@ from bench_common import (
     throughput,
 )
 
-CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
 
 def bare_tower(arch: str, n: int, steps: int, device: str) -> dict[str, float]:
     """open_clip's own ``encode_image`` (weights trainable, as open_clip builds them); at batch 1, three images
@@ -213,18 +212,9 @@ def measure_memory(arch: str, n: int) -> dict[str, dict]:
 
 
 def machine(device: str, busy: bool) -> dict:
-    flags: set[str] = set()
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-            elif line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    model, flags = cpu_description()
     chosen, why = auto_precision(torch.device(device))
-    info = {"cpu": model, "cpu_flags": [f for f in CPU_FLAGS if f in flags], "cpus": os.cpu_count(),
+    info = {"cpu": model, "cpu_flags": flags, "cpus": os.cpu_count(),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "device": device,
             "precision_auto": f"{chosen} ({why})", "busy_neighbour": busy}
     if torch.device(device).type == "cuda":

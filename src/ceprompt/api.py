@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from .core.errors import CepromptError, ConfigError
+from .core.extras import DETECTORS
 from .core.ranges import POSITIVE_INT, check
 from .core.runtime import DTYPES, autocast, resolve_device, resolve_precision
 from .core.schema import read_json
@@ -47,7 +48,7 @@ from .video.tracking import DEFAULT_MEMORY, DEFAULT_SMOOTH, FaceTracks, FrameRec
 from .weights.build import LoadedModel, load_trained
 
 ImageInput = str | os.PathLike | Image.Image | np.ndarray
-DETECT_MODES = ("mtcnn", "none")
+DETECT_MODES = tuple(DETECTORS)  # mtcnn (default), centerface, none
 NOT_FINITE = ("the model's scores for a face in this image are not finite (inf or NaN): its weights or normalisation "
               "values are out of range")
 
@@ -94,10 +95,11 @@ class Recognizer:
     are kept in that dtype (give each recognizer of another precision its own model)."""
 
     def __init__(self, loaded: LoadedModel, device: str = "auto", precision: str = "auto",
-                 detector_threshold: float = 0.9, min_face_size: MinFace | str | int = DEFAULT_MIN_FACE,
+                 detector_threshold: float | None = None, min_face_size: MinFace | str | int = DEFAULT_MIN_FACE,
                  expand: float = DEFAULT_EXPAND, classes: Sequence[str] | None = None,
                  class_aliases: Sequence[str] | None = None) -> None:
-        """``min_face_size``: the smallest face searched for, in pixels (``20`` or ``"20px"``), as a share of
+        """``detector_threshold``: the face detector's confidence threshold (None: the detector's own default,
+        MTCNN 0.9, CenterFace 0.5). ``min_face_size``: the smallest face searched for, in pixels (``20`` or ``"20px"``), as a share of
         the image's shorter side (``"2%"``) or the larger of both (``"20px,2%"``, the default).
 
         ``classes``: score exactly these classes, named as given (default: the trained ones). A name that
@@ -164,8 +166,12 @@ class Recognizer:
 
     @property
     def detector(self) -> FaceDetector:
-        return self._shared.get(lambda: FaceDetector(str(self.device), min_face=self._detector_args[1],
-                                                     threshold=self._detector_args[0]))
+        """The default face detector (MTCNN)."""
+        return self.detector_for("mtcnn")
+
+    def detector_for(self, method: str) -> FaceDetector:
+        return self._shared.get(method, lambda: FaceDetector(str(self.device), min_face=self._detector_args[1],
+                                                             threshold=self._detector_args[0], method=method))
 
     def find_faces(self, image: Image.Image, detect: str = "mtcnn") -> list[tuple[DetectedFace, Image.Image]]:
         """Detected faces with their model-ready crops (empty when no face is found)."""
@@ -179,15 +185,16 @@ class Recognizer:
             raise ConfigError(f"detect={detect!r}; expected one of {DETECT_MODES}")
         if detect == "none":
             return [[(whole_image_face(image), self._resize(image))] for image in images]
+        detector = self.detector_for(detect)
         try:
-            found: list[Any] = self.detector.detect_many(images)
+            found: list[Any] = detector.detect_many(images)
         except CepromptError:
             if len(images) == 1 and on_error == "raise":
                 raise
             found = []
             for image in images:  # one image failed the detector: find which, and keep the others
                 try:
-                    found.append(self.detector.detect(image))
+                    found.append(detector.detect(image))
                 except CepromptError as exc:
                     if on_error == "raise":
                         raise
@@ -458,14 +465,14 @@ class FaceTracker:
 
 
 class _SharedDetector:
-    """The face detector of a recognizer and the recognizers made from it, created once, on first use."""
+    """The face detectors of a recognizer and the recognizers made from it, each created once, on first use."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._detector: FaceDetector | None = None
+        self._detectors: dict[str, FaceDetector] = {}
 
-    def get(self, make: Any) -> FaceDetector:
+    def get(self, method: str, make: Any) -> FaceDetector:
         with self._lock:
-            if self._detector is None:
-                self._detector = make()
-            return self._detector
+            if method not in self._detectors:
+                self._detectors[method] = make()
+            return self._detectors[method]

@@ -238,7 +238,8 @@ def run_import_official(args: argparse.Namespace) -> int:
 
 def run_embed(args: argparse.Namespace) -> int:
     from ..core.errors import CepromptError
-    from ..core.extras import installed
+    from ..core.extras import DETECTORS, installed
+    from ..core.extras import missing as extras_missing
     from ..core.outputs import OutputFile, distinct_outputs
     from ..verbs.predict_plan import expand_inputs
 
@@ -247,8 +248,10 @@ def run_embed(args: argparse.Namespace) -> int:
     plot = OutputFile(args.plot, args.overwrite, "--plot") if args.plot else None
     if plot is not None and not installed("sklearn"):
         raise CepromptError("--plot needs scikit-learn: pip install scikit-learn")
-    if args.detect == "mtcnn" and not installed("facenet_pytorch"):
-        raise CepromptError("face detection needs pip install 'ceprompt[face]' (or --detect none for face crops)")
+    missing = extras_missing(DETECTORS[args.detect])
+    if missing:
+        raise CepromptError(f"--detect {args.detect} needs pip install 'ceprompt[{','.join(missing)}]' (or --detect "
+                            "none for face crops)")
     from ..data.images import IMAGE_SUFFIXES
 
     files = expand_inputs(args.inputs, IMAGE_SUFFIXES)

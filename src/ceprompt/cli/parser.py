@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from .. import __version__
+from ..core.extras import DETECTORS
 from ..core.ranges import POSITIVE_INT, Range, arg
 from . import commands
 
@@ -37,6 +38,12 @@ def _min_face(text: str):
         return MinFace.parse(text)
     except ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc).removeprefix("--min-face=")) from None
+
+
+def _add_detect(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--detect", choices=list(DETECTORS), default="mtcnn",
+                   help="the face detector: mtcnn (default), centerface (pip install 'ceprompt[centerface]'; finds "
+                        "more turned faces, README: Face detection) or none (each image is one face crop)")
 
 
 def _add_min_face(p: argparse.ArgumentParser) -> None:
@@ -120,8 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", metavar="PATH", help="images or folders (searched recursively)")
     p.add_argument("--output", "-o", required=True, metavar="FILE", help="the .npz file to write")
     p.add_argument("--plot", metavar="FILE", help="also draw a t-SNE map (PNG; needs scikit-learn)")
-    p.add_argument("--detect", choices=["mtcnn", "none"], default="mtcnn",
-                   help="find faces with MTCNN (default) or take each image as one face crop")
+    _add_detect(p)
     p.add_argument("--batch-size", type=arg(POSITIVE_INT), default=32, help="faces per forward pass (default 32)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -178,8 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", metavar="PATH", help="images, videos or folders (searched recursively)")
     p.add_argument("--output", "-o", default="-", help="CSV or .jsonl file (default: CSV on stdout)")
     p.add_argument("--format", choices=["csv", "jsonl"], help="default: from the output's suffix, else csv")
-    p.add_argument("--detect", choices=["mtcnn", "none"], default="mtcnn",
-                   help="find faces with MTCNN (default) or take each image as one face crop")
+    _add_detect(p)
     p.add_argument("--annotate", metavar="DIR", help="write images/videos with boxes and labels here")
     p.add_argument("--explain", metavar="DIR", help="write a heat map of the evidence per face here")
     p.add_argument("--video-stride", type=arg(POSITIVE_INT),
@@ -196,8 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "probabilities (CSV, or JSON when FILE ends in .json)")
     p.add_argument("--timeline", metavar="DIR", help="one PNG per video: each track's smoothed expression over time")
     p.add_argument("--batch-size", type=arg(POSITIVE_INT), default=32, help="faces per forward pass (default 32)")
-    p.add_argument("--threshold", type=arg(Range(0, 1, lo_open=True)), default=0.9,
-                   help="face detector confidence threshold, in (0, 1] (default 0.9)")
+    p.add_argument("--threshold", type=arg(Range(0, 1, lo_open=True)), default=None,
+                   help="face detector confidence threshold, in (0, 1] (default: MTCNN 0.9, CenterFace 0.5)")
     _add_min_face(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file, and earlier pictures in --annotate and --explain")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

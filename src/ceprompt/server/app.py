@@ -23,6 +23,8 @@ from PIL import Image
 
 from ..api import Recognizer
 from ..core.errors import CepromptError
+from ..core.extras import DETECTORS
+from ..core.extras import missing as extras_missing
 from ..data.class_names import check_class_list
 from ..data.images import ImageError, image_size, max_pixels, open_image
 from ..verbs.drawing import explanation_image
@@ -132,7 +134,9 @@ def create_app(rec: Recognizer, max_upload_bytes: int = DEFAULT_MAX_UPLOAD,  # t
         return {"classes": rec.class_names, "stage": rec.meta.get("stage"), "checkpoint": Path(str(rec.checkpoint)).name,
                 "input_size": rec.preprocess.image_size, "max_upload_bytes": max_upload_bytes,
                 "max_pixels": max_pixels(), "max_faces": max_faces, "max_explained": MAX_EXPLAINED,
-                "face_detection": "MTCNN", "temperature": rec.temperature, "notice": rec.notice,
+                "face_detection": [name for name, needs in DETECTORS.items()
+                                   if name != "none" and not extras_missing(needs)],
+                "temperature": rec.temperature, "notice": rec.notice,
                 "live": {"max_fps": DEFAULT_MAX_FPS, "max_side": MAX_LIVE_SIDE, "idle_seconds": live_idle,
                          "sessions": app.state.live_sessions},
                 "batching": {"window_seconds": batch_window, "requests": sum(worker.batches),
@@ -141,8 +145,9 @@ def create_app(rec: Recognizer, max_upload_bytes: int = DEFAULT_MAX_UPLOAD,  # t
     @app.post("/api/predict", summary="Expressions of every face in an uploaded image")
     async def predict(
         file: UploadFile = File(..., description="a JPEG, PNG, WebP, BMP or TIFF image"),
-        detect: str = Query("mtcnn", pattern="^(mtcnn|none)$",
-                            description="mtcnn: find faces; none: the image is one face crop"),
+        detect: str = Query("mtcnn", pattern=f"^({'|'.join(DETECTORS)})$",
+                            description="mtcnn or centerface: find faces with that detector; none: the image is "
+                                        "one face crop"),
         explain: bool = Query(False, description="add a heat map of the evidence per face (PNG data URL)"),
         classes: str | None = Query(None, max_length=MAX_CLASSES_TEXT,
                                     description="comma-separated class names to score instead of the model's "

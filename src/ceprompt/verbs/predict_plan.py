@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..core.errors import CepromptError, ConfigError
+from ..core.extras import DETECTORS
 from ..core.extras import missing as extras_missing
 from ..core.outputs import OutputFile, PictureFolder, distinct_outputs
 from ..core.ranges import check
@@ -87,7 +88,6 @@ def plan_predict(inputs: Sequence[str], output: str = "-", fmt: str | None = Non
 
 
 # What each kind of input needs beyond ceprompt itself: (import name, extra) pairs, checked before any work.
-FACE_DETECTION = (("facenet_pytorch", "face"),)
 VIDEO = (("av", "video"), ("trackers", "video"))
 
 
@@ -95,9 +95,9 @@ def check_extras(plan: PredictPlan, detect: str) -> None:
     """The optional packages the inputs need, installed: said once, before the model loads, not once per file."""
     suffixes = {path.suffix.lower() for path in plan.files}
     needed = list(VIDEO) if suffixes & VIDEO_SUFFIXES else []
-    if detect == "mtcnn" and suffixes & (IMAGE_SUFFIXES | VIDEO_SUFFIXES):
-        needed += FACE_DETECTION
+    if suffixes & (IMAGE_SUFFIXES | VIDEO_SUFFIXES):
+        needed += DETECTORS[detect]
     missing = extras_missing(needed)
     if missing:
-        hint = " (or --detect none for images that are already face crops)" if "face" in missing else ""
+        hint = " (or --detect none for images that are already face crops)" if set(missing) - {"video"} else ""
         raise CepromptError(f"these inputs need pip install 'ceprompt[{','.join(missing)}]'{hint}")

@@ -35,6 +35,8 @@ async function loadInfo() {
     $("model").textContent = `${info.classes.length} classes: ${info.classes.join(", ")} (stage ${info.stage}, ` +
       `uploads up to ${(info.max_upload_bytes / 1048576).toFixed(0)} MB)`;
     if (info.notice) { $("notice").textContent = info.notice; $("notice").hidden = false; }
+    // a second detector is offered where the server has it installed
+    if ((info.face_detection || []).includes("centerface")) $("detect").add(new Option("find them (CenterFace)", "centerface"), 1);
   } catch (e) { $("model").textContent = "model information unavailable"; }
 }
 
