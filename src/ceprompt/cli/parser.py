@@ -70,11 +70,22 @@ def _class_list(text: str) -> list[str]:
         raise argparse.ArgumentTypeError(str(exc).removeprefix("--classes: ")) from None
 
 
+def _class_alias(text: str) -> str:
+    from ..core.errors import ConfigError
+    from ..data.class_names import parse_aliases
+
+    try:
+        parse_aliases([text], "--class-alias")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--class-alias: ")) from None
+    return text
+
+
 def _add_classes(p: argparse.ArgumentParser) -> None:
     p.add_argument("--classes", type=_class_list, metavar="A,B,C",
                    help="score exactly these classes, named as given: trained ones (by name or alias) with their "
                         "trained prompts, others from their own words (default: the model's classes)")
-    p.add_argument("--class-alias", action="append", metavar="ALIAS=CLASS",
+    p.add_argument("--class-alias", action="append", type=_class_alias, metavar="ALIAS=CLASS",
                    help="another name of a class, beside the built-in table (angry=anger, joy=happy, ...); repeatable")
 
 

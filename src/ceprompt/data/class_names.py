@@ -6,13 +6,16 @@ words. A target class that matches a trained class is scored with that class's t
 e.g. the authors' ``disgusted`` for ``disgust``); any other name is *unseen* and is scored from its own words
 through the same prompt construction.
 
-Names match after lower-casing and treating ``_``, ``-`` and spaces alike, then through :data:`ALIASES` plus the
-config's ``data.class_aliases`` (entries ``ALIAS=CLASS``).
+Names match as the model's tokenizer reads them (HTML character references resolved, Unicode NFKC: fullwidth
+letters and ligatures are the plain letters) after case folding and treating ``_``, ``-`` and spaces alike, then
+through :data:`ALIASES` plus the config's ``data.class_aliases`` (entries ``ALIAS=CLASS``).
 """
 
 from __future__ import annotations
 
+import html
 import re
+import unicodedata
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -32,8 +35,10 @@ ALIASES: dict[str, tuple[str, ...]] = {
 
 
 def normal(name: str) -> str:
-    """``Happy_face`` -> ``happy face``: case and separators do not distinguish classes."""
-    return " ".join(re.split(r"[\s_-]+", name.strip().lower()))
+    """``Happy_face`` -> ``happy face``: case, separators and what CLIP's tokenizer cleans away (``&#104;appy``,
+    fullwidth ``ｈａｐｐｙ``, the ligature in ``ﬁerce``) do not distinguish classes: they give the same prompt."""
+    text = unicodedata.normalize("NFKC", html.unescape(html.unescape(name)))
+    return " ".join(part for part in re.split(r"[\s_-]+", text.casefold()) if part)
 
 
 def parse_aliases(entries: Sequence[str] | None, where: str = "data.class_aliases") -> dict[str, str]:

@@ -309,6 +309,8 @@ def to_pil(image: object) -> Image.Image:
     if isinstance(image, Image.Image):
         return as_rgb(image)
     if isinstance(image, np.ndarray):
+        if image.size == 0:
+            raise CepromptError(f"empty image array of shape {image.shape}: expected at least 1x1 pixels")
         arr = _as_uint8(image)
         if arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (1, 3, 4)):
             return Image.fromarray(arr.squeeze(axis=2) if arr.ndim == 3 and arr.shape[2] == 1 else arr).convert("RGB")

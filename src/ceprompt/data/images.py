@@ -157,10 +157,15 @@ def _reason(exc: BaseException) -> str:
 
 
 def _to_8bit_rgb(image: Image.Image) -> Image.Image:
-    """RGB with 8 bits per channel; wider integer and float modes are scaled, not clipped."""
+    """RGB with 8 bits per channel; wider integer and float modes are scaled, not clipped. An image without pixels or
+    whose pixels are not numbers (all NaN) is refused: it would still give a face and probabilities."""
     mode = image.mode
+    if image.width < 1 or image.height < 1:
+        raise ImageError(f"image: {image.width}x{image.height} pixels; expected at least 1x1")
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         arr = np.asarray(image, dtype=np.float64)
+        if not np.isfinite(arr).any():
+            raise ImageError("image: no pixel has a finite value (all NaN or infinite)")
         if mode.startswith("I;16") or (mode == "I" and arr.max(initial=0) > 255):
             top = 65535.0 if arr.max(initial=0) <= 65535 else float(arr.max())
             arr = arr / top * 255.0

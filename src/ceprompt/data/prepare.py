@@ -29,7 +29,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..core.errors import ConfigError, DataError
-from ..core.io_utils import atomic_write
+from ..core.io_utils import atomic_write, atomic_write_set
+from ..core.outputs import INCOMPLETE
 from ..core.paths import confined, escapes
 from .datasets import LAYOUTS
 from .three_files import Problems
@@ -235,9 +236,15 @@ def _write_index(folder: Path, names: Sequence[str], entries: list[Entry], overw
     folder.mkdir(parents=True, exist_ok=True)
     columns = ([f"{i} {e.path}" for i, e in enumerate(entries, 1)], [f"{i} {e.label}" for i, e in enumerate(entries, 1)],
                [f"{i} {int(e.train)}" for i, e in enumerate(entries, 1)])
-    for name, lines in zip(names, columns):
-        with atomic_write(folder / name) as tmp:
-            tmp.write_text("\n".join(lines) + "\n")
+    # The three files are one index (ids in one, labels of those ids in the next): replaced as a set, with a
+    # marker that readers refuse while the set may be half replaced (a kill between two renames).
+    marker = folder / INCOMPLETE
+    marker.write_text("ceprompt prepare was replacing this folder's index files and did not finish; run it again\n")
+    files = [folder / name for name in names]
+    with atomic_write_set(files, commit=files[0]) as tmp:
+        for path, lines in zip(files, columns):
+            tmp[path].write_text("\n".join(lines) + "\n")
+    marker.unlink()
 
 
 def prepare(dataset: str, src: str | os.PathLike, dst: str | os.PathLike, align: bool = False,

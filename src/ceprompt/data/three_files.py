@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..core.errors import DataError
+from ..core.outputs import INCOMPLETE
 
 IMAGES, LABELS, SPLIT = "images.txt", "image_class_labels.txt", "train_test_split.txt"
 MAX_LISTED = 20  # problems printed before "... and N more"
@@ -83,6 +84,9 @@ def read_index(folder: Path, names: tuple[str, str, str] = (IMAGES, LABELS, SPLI
                problems: Problems | None = None) -> list[Record]:
     """Read and cross-check the three files in ``folder``; raises DataError listing every problem
     unless a ``problems`` collector is passed (then the caller decides)."""
+    if (folder / INCOMPLETE).exists():
+        raise DataError(f"{folder}: its index files are incomplete: `ceprompt prepare` was interrupted while it "
+                        "replaced them; run the same prepare command again")
     own = problems is None
     problems = problems if problems is not None else Problems()
     tables = {name: read_pairs(folder / name, problems) for name in names}

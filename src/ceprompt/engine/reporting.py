@@ -88,6 +88,10 @@ class _MLflow:
         import mlflow
 
         self.mlflow = mlflow
+        # An unreachable server cost minutes of retries before its warning; a few seconds decide here (a value
+        # the user set is kept).
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         if not os.environ.get("MLFLOW_TRACKING_URI"):
             # a file store in the run: it needs no database library (mlflow 3 asks for this variable to use one)
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
@@ -120,10 +124,41 @@ def open_trackers(names: Sequence[str], run_dir: Path, cfg: Config) -> list[Any]
                         TRACKER_INSTALL[name])
             continue
         try:
-            trackers.append(OPENERS[name](run_dir, cfg))
+            trackers.append(_Guarded(name, OPENERS[name](run_dir, cfg)))
         except Exception as exc:  # a tracker's own failure (no login, an unreachable server) costs a line, no run
-            log.warning("%s could not start (%s); training goes on without it", name, str(exc).splitlines()[0][:160])
+            log.warning("%s could not start (%s); training goes on without it", name, _first_line(exc))
     return trackers
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+
+
+class _Guarded:
+    """A tracker whose every call is contained: the first failure (a server that accepted the run and then refuses
+    its metrics) costs one warning and the tracker, never the training run."""
+
+    def __init__(self, name: str, tracker: Any) -> None:
+        self.name, self.tracker, self.failed = name, tracker, False
+
+    def _call(self, method: str, *args: Any) -> None:
+        if self.failed:
+            return
+        try:
+            getattr(self.tracker, method)(*args)
+        except Exception as exc:
+            self.failed = True
+            log.warning("%s failed (%s); training goes on without it", self.name, _first_line(exc))
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        self._call("scalars", values, step)
+
+    def final(self, metrics: dict[str, float], picture: Path | None) -> None:
+        self._call("final", metrics, picture)
+
+    def close(self) -> None:
+        if not self.failed:
+            self.tracker.close()
 
 
 class Reporter:

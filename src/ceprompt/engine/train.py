@@ -212,11 +212,15 @@ class Trainer:
         except (ValueError, KeyError, RuntimeError) as exc:
             raise ConfigError(f"{self.run_dir / 'resume.pt'}: the saved optimiser state does not fit this run "
                               f"({str(exc).splitlines()[0][:160]})") from None
+        if state["epoch"] > self.cfg.optim.epochs:
+            raise ConfigError(f"{self.run_dir / 'resume.pt'}: saved after epoch {state['epoch']}, but this run has "
+                              f"optim.epochs={self.cfg.optim.epochs}; resume with --set optim.epochs=N, N >= "
+                              f"{state['epoch']}")
         self.scaler.load_state_dict(state["scaler"])
-        self.start_epoch = int(state["epoch"])
+        self.start_epoch = state["epoch"]
         if self.rt.is_main:
             self.kept_best = keep_best(self.run_dir)
-        self.best_accuracy, self.best_epoch = float(state["best_accuracy"]), int(state["best_epoch"])
+        self.best_accuracy, self.best_epoch = float(state["best_accuracy"]), state["best_epoch"]
         if self.rt.is_main:
             truncate_summary(self.run_dir, self.start_epoch, self.selected_on)
         log.info("resumed %s after epoch %d (best test accuracy %.4f at epoch %d)", self.run_dir,

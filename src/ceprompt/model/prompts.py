@@ -25,11 +25,14 @@ def prompt_tokens(texts: Sequence[str], class_names: Sequence[str], context_leng
     tokenizer would cut its end, the class name with it, and every class would get the same embedding.
     ``setting``: the config key whose text surrounds the class name (named in the error beside the name)."""
     room = context_length - 2  # the start and end tokens
+    tokenizer = get_tokenizer(context_length)
     for text, name in zip(texts, class_names):
-        n = len(get_tokenizer(context_length).encode(text))
+        n = len(tokenizer.encode(text))
         if n > room:
+            around = n - len(tokenizer.encode(name))  # the setting's own words: blamed only when they take much
+            blame = f"Shorten the class name (or {setting})" if around > room // 2 else "Shorten the class name"
             raise ConfigError(f"the prompt for class {brief(name)} is {n} tokens, but the text tower takes {room}; "
-                              f"its class name would be cut off. Shorten the class name (or {setting})")
+                              f"its class name would be cut off. {blame}")
     return tokenize(list(texts), context_length)
 
 

@@ -48,6 +48,9 @@ def export_hub(checkpoint: str | os.PathLike, out: str | os.PathLike, dtype: str
     if present and not overwrite:
         raise ConfigError(f"{folder / present[0]}: already exists; pass --overwrite to replace the exported files")
     output_dir(folder, "export hub")
+    for name in FILES:  # half-written files of an export that was killed
+        for stale in folder.glob(f".{name}.*.tmp"):
+            stale.unlink()
     loaded = load_trained(checkpoint)
     model = loaded.model
     tensors = {f"clip.{k}": v for k, v in model.clip.state_dict().items()}

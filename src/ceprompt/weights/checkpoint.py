@@ -23,7 +23,7 @@ import torch
 from .. import __version__
 from ..core.errors import CheckpointError, TrainingError
 from ..core.io_utils import atomic_write
-from ..core.schema import SchemaError, read_json
+from ..core.schema import SchemaError, expect, read_json
 from ..data.images import IMAGE_SUFFIXES, VIDEO_SUFFIXES
 from .torchscript_data import check_zip_entries
 
@@ -136,6 +136,9 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
             found = sorted(f for f in path.glob(pattern) if f.is_file())
             if found:
                 return found[0]
+        if (path / "model.safetensors").is_file() and not (path / "config.json").is_file():
+            raise CheckpointError(f"{path}: an `export hub` into this folder was interrupted (model.safetensors "
+                                  "without the config.json written last); export it again with --overwrite")
         raise CheckpointError(f"{path}: no checkpoint inside (looked for {', '.join(FOLDER_CHECKPOINTS)})")
     if path.suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES:
         raise CheckpointError(f"{path}: an image or video, not a model; the model comes first, as in "
@@ -246,8 +249,36 @@ def load_resume(run_dir: Path) -> dict[str, Any]:
     try:
         with zipfile.ZipFile(path) as archive:
             check_zip_entries(archive, str(path))
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except CheckpointError:
         raise
     except Exception as exc:
         raise CheckpointError(f"{path}: cannot read resume state ({str(exc).splitlines()[0][:200]})") from None
+    try:
+        check_resume_state(state, str(path))
+    except SchemaError as exc:
+        raise CheckpointError(f"{exc} (not the resume state ceprompt writes; start the run again without --resume)"
+                              ) from None
+    return state
+
+
+MAX_EPOCHS = 100_000  # as optim.epochs accepts
+
+
+def check_resume_state(state: Any, where: str) -> None:
+    """The fields of ``resume.pt`` a resumed run uses, of the type and range ceprompt writes them: checked by the
+    one schema reader before any of them is used."""
+    if not isinstance(state, dict):
+        raise SchemaError(f"{where}: expected a mapping of saved values, found {type(state).__name__}")
+    epoch = expect(state, "epoch", where, int, lo=1, hi=MAX_EPOCHS)
+    expect(state, "best_accuracy", where, (int, float), lo=0, hi=1)
+    expect(state, "best_epoch", where, int, lo=0, hi=epoch)
+    expect(state, "optimizer_name", where, str)
+    for key in ("optimizer", "scaler"):
+        expect(state, key, where, dict)
+    for key in ("model_config", "teacher_cache"):
+        expect(state, key, where, dict, optional=True)
+    model = expect(state, "model", where, dict)
+    bad = [k for k, v in model.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise SchemaError(f"{where}: model holds {str(bad[0])[:60]!r}, which is not a named tensor")
