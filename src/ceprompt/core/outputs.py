@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from .errors import CepromptError, ConfigError
 from .io_utils import atomic_write
@@ -144,3 +144,16 @@ class PictureFolder:
         if self.lock is not None:
             self.lock.release()
             self.lock = None
+
+
+def save_figure(fig: "Any", path: str | os.PathLike, dpi: int) -> Path:
+    """A matplotlib figure as a PNG at ``path``, written beside it and renamed (a full disk leaves no truncated
+    picture under the name), and the figure closed either way."""
+    import matplotlib.pyplot as plt
+
+    try:
+        with atomic_write(Path(path)) as tmp:
+            fig.savefig(tmp, dpi=dpi, format="png")
+    finally:
+        plt.close(fig)
+    return Path(path)

@@ -21,6 +21,10 @@ from typing import Sequence
 
 from ..core.errors import ConfigError, brief
 
+# Classes one model, list or request may name: each is a prompt through the text tower and a text embedding kept
+# in memory (FER datasets have 7 or 8; CLIP's zero-shot ImageNet benchmark has 1000).
+MAX_CLASSES = 1000
+
 # canonical name -> the other names it goes by in FER datasets and papers
 ALIASES: dict[str, tuple[str, ...]] = {
     "anger": ("angry",),
@@ -72,6 +76,8 @@ def check_class_list(names: Sequence[str], where: str, extra: dict[str, str] | N
     names = [str(n).strip() for n in names]
     if not names:
         raise ConfigError(f"{where}: no classes; expected at least one name")
+    if len(names) > MAX_CLASSES:
+        raise ConfigError(f"{where}: {len(names):,} classes; at most {MAX_CLASSES:,}")
     if any(not n for n in names):
         raise ConfigError(f"{where}: an empty class name in {brief(names)}")
     seen: dict[str, str] = {}

@@ -30,6 +30,7 @@ from torch.utils.data import Dataset
 
 from ..core.errors import DataError
 from ..core.paths import escapes
+from .class_names import MAX_CLASSES, canonical
 from .images import IMAGE_SUFFIXES, ImageInfo, open_image, probe_image
 from .three_files import IMAGES, LABELS, SPLIT, Problems, read_index
 
@@ -155,6 +156,15 @@ def _folder_splits(root: Path, classes: Sequence[str] | None, problems: Problems
     names = list(classes) if classes else found
     for name in sorted({n for n in names if names.count(n) > 1}):
         problems.add(f"data.classes lists {name!r} more than once")
+    same: dict[str, list[str]] = {}
+    for name in dict.fromkeys(names):  # Happy/happy, happy face/happy_face, joy/happy: one class, one prompt
+        same.setdefault(canonical(name), []).append(name)
+    for group in same.values():
+        if len(group) > 1:
+            problems.add(f"{train_dir}: classes {' and '.join(repr(n) for n in group)} are the same class (after "
+                         "case, separators and the alias table); merge their folders or rename one")
+    if len(names) > MAX_CLASSES:
+        problems.add(f"{train_dir}: {len(names):,} classes; at most {MAX_CLASSES:,}")
     for name in names:
         if not name or name in (".", "..") or escapes(name) or Path(name).name != name:
             problems.add(f"data.classes: {name!r} is not a plain folder name under {train_dir}")

@@ -15,6 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from ..core.outputs import save_figure  # noqa: E402
 from ..engine.plots import plot_curves  # noqa: E402
 from ..engine.significance import mean_std  # noqa: E402
 
@@ -58,9 +59,7 @@ def plot_examples(predictions_csv: Path, path: Path, per_class: int = 3, seed: i
                  f"{shown_right} of {len(shown)} right here; {all_right} of {len(rows)} "
                  f"({all_right / max(len(rows), 1):.1%}) in the whole test split", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, 100)
 
 
 def results_markdown(results: dict[str, Any]) -> str:

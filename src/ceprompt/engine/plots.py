@@ -12,6 +12,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ..core.outputs import save_figure  # noqa: E402
+
 
 def plot_confusion(cm: Sequence[Sequence[int]], class_names: Sequence[str], path: Path, title: str = "") -> Path:
     """Row-normalised confusion matrix with counts; rows are true classes."""
@@ -33,9 +35,7 @@ def plot_confusion(cm: Sequence[Sequence[int]], class_names: Sequence[str], path
     if title:
         ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, 110)
 
 
 def plot_curves(summary_csvs: dict[str, Path], path: Path) -> Path:
@@ -61,6 +61,4 @@ def plot_curves(summary_csvs: dict[str, Path], path: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, 110)

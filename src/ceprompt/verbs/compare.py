@@ -22,6 +22,7 @@ import yaml
 from ..core.config import dotted, read_yaml
 from ..core.errors import ConfigError
 from ..core.io_utils import FORMULA_STARTS
+from ..core.outputs import save_figure
 from ..core.schema import SchemaError, expect, read_json
 from ..engine.significance import bootstrap_difference, mcnemar, mean_std
 from ..model.stages import STAGES
@@ -261,6 +262,4 @@ def plot_f1(result: dict[str, Any], path: Path) -> Path:
     ax.set_title("Per-class F1")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, 110)

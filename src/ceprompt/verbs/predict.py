@@ -194,6 +194,8 @@ class _Job:
                 loaded.append((index, path, self.rec.load_image(path)))
             except CepromptError as exc:
                 loaded.append((index, path, exc))
+            except OSError as exc:  # a name too long for the file system, a lost mount: this file's row
+                loaded.append((index, path, CepromptError(exc.strerror or str(exc))))
             except MemoryError:
                 loaded.append((index, path, CepromptError("out of memory while decoding it")))
         images = [item for item in loaded if not isinstance(item[2], CepromptError)]

@@ -41,7 +41,11 @@ def expand_inputs(paths: Sequence[str], suffixes: frozenset[str] = IMAGE_SUFFIXE
     out: list[Path] = []
     for raw in paths:
         p = Path(raw).expanduser()
-        if p.is_dir():
+        try:
+            folder = p.is_dir()
+        except OSError:  # a name too long for the file system: that input's own error row, later
+            folder = False
+        if folder:
             out.extend(sorted(f for f in p.rglob("*") if f.suffix.lower() in suffixes))
         else:
             out.append(p)

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..core.outputs import save_figure
 from .tracking import FrameRecord
 
 
@@ -117,6 +118,4 @@ def plot_timeline(summary: VideoSummary, title: str, path: Path) -> Path:
     hidden = len(timeline) - len(chosen)
     fig.text(0.09, 1 - 0.08 / height, title + (f"  ({hidden} shorter tracks not shown)" if hidden else ""),
              fontsize=10, va="top", ha="left")
-    fig.savefig(path, dpi=100, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, 100)

@@ -24,6 +24,7 @@ from .. import __version__
 from ..core.errors import CheckpointError, TrainingError
 from ..core.io_utils import atomic_write
 from ..core.schema import SchemaError, expect, read_json
+from ..data.class_names import MAX_CLASSES
 from ..data.images import IMAGE_SUFFIXES, VIDEO_SUFFIXES
 from .torchscript_data import check_zip_entries
 
@@ -191,6 +192,9 @@ def _finite_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+MAX_IMAGE_SIZE = 1024  # CLIP inputs are 224-448 px; a declared size above this is a crafted file
+
+
 def validate_meta(meta: dict[str, Any], where: str) -> None:
     """Every field inference relies on, checked once, with one line per problem."""
     from ..model.clip import ClipSpec
@@ -199,9 +203,9 @@ def validate_meta(meta: dict[str, Any], where: str) -> None:
     if meta.get("stage") not in STAGES:
         _fail(where, "stage", f"one of {STAGES}", meta.get("stage"))
     names = meta.get("class_names")
-    if (not isinstance(names, list) or len(names) < 2 or not all(isinstance(n, str) and n.strip() for n in names)
-            or len(set(names)) != len(names)):
-        _fail(where, "class_names", "a list of at least 2 distinct, non-empty names", names)
+    if (not isinstance(names, list) or not 2 <= len(names) <= MAX_CLASSES
+            or not all(isinstance(n, str) and n.strip() for n in names) or len(set(names)) != len(names)):
+        _fail(where, "class_names", f"a list of 2 to {MAX_CLASSES} distinct, non-empty names", names)
     for key in ("config", "clip_spec", "preprocess", "backbone"):
         if not isinstance(meta.get(key), dict):
             _fail(where, key, "a mapping", meta.get(key))
@@ -213,9 +217,12 @@ def validate_meta(meta: dict[str, Any], where: str) -> None:
                 isinstance(value, int) and not isinstance(value, bool) and value > 0):
             _fail(where, f"clip_spec.{key}", "a positive integer", value)
     ClipSpec.from_dict(spec, where=f"{where} (clip_spec)").validate(where)
+    if spec.get("image_size", 0) > MAX_IMAGE_SIZE:
+        _fail(where, "clip_spec.image_size", f"at most {MAX_IMAGE_SIZE} px", spec.get("image_size"))
     pre = meta["preprocess"]
-    if not (isinstance(pre.get("image_size"), int) and pre["image_size"] > 0):
-        _fail(where, "preprocess.image_size", "a positive integer", pre.get("image_size"))
+    if pre.get("image_size") != spec.get("image_size"):  # the crops must be the model's input, whatever is declared
+        _fail(where, "preprocess.image_size", f"the model's input size, {spec.get('image_size')} px",
+              pre.get("image_size"))
     for key in ("mean", "std"):
         v = pre.get(key)
         if not (isinstance(v, list) and len(v) == 3 and all(_finite_number(x) for x in v)

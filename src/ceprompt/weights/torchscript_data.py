@@ -131,21 +131,28 @@ def _pickle_name(path: str, names: list[str]) -> str:
 # torch writes every entry of its zip files uncompressed. A compressed entry is someone else's: allowed only when
 # small, so that declared sizes cannot turn a small file into gigabytes before anything is checked.
 MAX_COMPRESSED_ENTRY = 64 << 20
+MAX_COMPRESSED_TOTAL = 64 << 20  # all compressed entries of one file together
 
 
 def check_zip_entries(archive: zipfile.ZipFile, path: str) -> None:
-    """Refuse a zip whose entries declare more than the file could hold: compressed entries over
-    :data:`MAX_COMPRESSED_ENTRY`, or stored ones larger than the file itself."""
+    """Refuse a zip whose entries declare more than the file could hold, summed over all entries against one
+    budget before anything is inflated: compressed entries over :data:`MAX_COMPRESSED_TOTAL` together (torch
+    stores tensors uncompressed), and stored entries beyond the file's own size together (entries of a valid
+    zip do not overlap; a crafted one can point many entries at the same bytes)."""
     file_size = os.path.getsize(path)
+    stored = compressed = 0
     for info in archive.infolist():
         if info.compress_type == zipfile.ZIP_STORED:
-            if info.file_size > file_size:
-                raise CheckpointError(f"{path}: entry {info.filename} declares {info.file_size:,} bytes in a file of "
-                                      f"{file_size:,}")
-        elif info.file_size > MAX_COMPRESSED_ENTRY:
-            raise CheckpointError(f"{path}: entry {info.filename} is compressed and declares {info.file_size:,} "
-                                  f"bytes (from {info.compress_size:,}); torch's files store tensors uncompressed, "
-                                  "and no compressed entry over 64 MiB is inflated")
+            stored += info.file_size
+            if stored > file_size:
+                raise CheckpointError(f"{path}: its entries declare {stored:,} stored bytes (at {info.filename}) in "
+                                      f"a file of {file_size:,}")
+        else:
+            compressed += info.file_size
+            if compressed > MAX_COMPRESSED_TOTAL:
+                raise CheckpointError(f"{path}: its compressed entries declare {compressed:,} bytes together (at "
+                                      f"{info.filename}, {info.compress_size:,} bytes compressed); torch's files "
+                                      "store tensors uncompressed, and no more than 64 MiB compressed is inflated")
 
 
 def read_archive(path: str) -> ArchiveObject:
