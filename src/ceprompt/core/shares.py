@@ -149,3 +149,14 @@ def file_costs(paths: Sequence[Path]) -> list[float]:
         except OSError:
             out.append(0.0)
     return out
+
+
+def my_shares(dealt: Sequence[Sequence[Share]], rt: Runtime, store: "ShareStore") -> list[Share]:
+    """This process's shares still to do (those a previous, interrupted run finished are skipped), said in the log
+    so that a user of torchrun sees the work divided."""
+    mine = list(dealt[rt.rank])
+    todo = [s for s in mine if not store.done(s)]
+    log.info("process %d of %d: %d share(s) of %d inputs to do%s", rt.rank + 1, rt.world, len(todo),
+             sum(len(s.items) for s in todo),
+             f" ({len(mine) - len(todo)} finished by an earlier run)" if len(todo) < len(mine) else "")
+    return todo

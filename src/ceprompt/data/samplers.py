@@ -54,10 +54,13 @@ class TrainSampler(Sampler[tuple[int, int]]):
 
 
 class ShardSampler(Sampler[int]):
-    """Evaluation: every index exactly once over all processes, no padding, in order."""
+    """Evaluation: every index exactly once over all processes, no padding, in order, dealt in whole batches of
+    ``batch`` (batch b to process b mod world): each batch is the one a single process forms, so every score is
+    the number one process computes, whatever the number of processes."""
 
-    def __init__(self, n: int, world: int = 1, rank: int = 0) -> None:
-        self.indices = list(range(rank, n, world))
+    def __init__(self, n: int, world: int = 1, rank: int = 0, batch: int = 1) -> None:
+        starts = range(rank * batch, n, world * batch)
+        self.indices = [i for start in starts for i in range(start, min(start + batch, n))]
 
     def __len__(self) -> int:
         return len(self.indices)

@@ -43,7 +43,7 @@ def eval_loader(dataset: FERDataset, rt: Runtime, batch_size: int, workers: int,
     """This process's share of ``dataset``, in order. ``persistent``: the loader processes live as long as the
     loader (a trainer evaluates every epoch; starting them again each time costs seconds)."""
     n_workers = usable_workers(workers)
-    return DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), rt.world, rt.rank),
+    return DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), rt.world, rt.rank, batch_size),
                       num_workers=n_workers, pin_memory=rt.device.type == "cuda",
                       persistent_workers=persistent and n_workers > 0)
 

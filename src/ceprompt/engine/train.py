@@ -194,7 +194,7 @@ class Trainer:
             tmp.write_text(text)
 
     def _restore(self) -> None:
-        state = load_resume(self.run_dir)
+        state = self.rt.from_main(lambda: load_resume(self.run_dir))  # read by rank 0, sent to the others
         saved, now = state.get("model_config", {}), model_settings(self.cfg)
         changed = [f"{k}={saved[k]!r} in the saved state, {now.get(k)!r} now" for k in sorted(saved)
                    if saved[k] != now.get(k)]
@@ -206,7 +206,10 @@ class Trainer:
             raise ConfigError(f"{self.run_dir / 'resume.pt'}: optim.name={saved_optim!r} in the saved state, "
                               f"{self.cfg.optim.name!r} now; a resumed run keeps its optimiser")
         load_trainable(self.model, state["model"], str(self.run_dir / "resume.pt"))
-        self.model.load_extra_state(state.get("teacher_cache", {}))
+        saved_caches = state.get("teacher_cache") or {}
+        ranks = saved_caches.get("ranks") if isinstance(saved_caches.get("ranks"), list) else [saved_caches]
+        # this process's own cache when the run had as many processes, else none (computed again)
+        self.model.load_extra_state(ranks[self.rt.rank] if len(ranks) == self.rt.world else {})
         try:
             self.optimizer.load_state_dict(state["optimizer"])
         except (ValueError, KeyError, RuntimeError) as exc:
@@ -240,7 +243,11 @@ class Trainer:
         self._seed_epoch(epoch)
         self.optimizer.zero_grad(set_to_none=True)
         n_batches = len(self.loader)
-        sums = torch.zeros(5, dtype=torch.float64)  # loss, ce, kd (sample-weighted), correct, seen
+        # Kept on the device and read once per optimiser step (the finiteness flags) and once per epoch (the sums):
+        # every read waits for the device's queue to drain (benchmarks/step_syncs.py counts them).
+        sums = torch.zeros(5, dtype=torch.float64, device=rt.device)  # loss, ce, kd (sample-weighted), correct, seen
+        bad_loss = torch.zeros((), dtype=torch.bool, device=rt.device)
+        seen_here = 0
         lr = 0.0
         bar = tqdm(total=n_batches, disable=not (self.cfg.run.progress and rt.is_main), unit="batch",
                    desc=f"epoch {epoch + 1}/{o.epochs}", dynamic_ncols=True, leave=False)
@@ -261,7 +268,7 @@ class Trainer:
                 with sync:
                     with rt.autocast():
                         out = self.net(inputs)
-                    self._check_finite(out.loss, epoch, i)
+                    bad_loss |= ~torch.isfinite(out.loss.detach())
                     self.scaler.scale(out.loss / group_size).backward()
                 if last_micro:
                     if o.grad_clip:
@@ -270,14 +277,18 @@ class Trainer:
                     self.scaler.step(self.optimizer)
                     self.scaler.update()
                     self.optimizer.zero_grad(set_to_none=True)
-                    self._check_weights(epoch, i)
+                    self._check_step(bad_loss, epoch, i)
                 n = len(labels)
-                sums += torch.tensor([out.loss.item() * n, out.parts["ce"].item() * n,
-                                      out.parts.get("kd", torch.zeros(())).item() * n,
-                                      (out.logits.argmax(1) == labels).sum().item(), n], dtype=torch.float64)
+                seen_here += n
+                kd = out.parts.get("kd")
+                sums += torch.stack([out.loss.detach().double() * n, out.parts["ce"].detach().double() * n,
+                                     (kd.detach().double() if kd is not None else sums.new_zeros(())) * n,
+                                     (out.logits.detach().argmax(1) == labels).sum().double(),
+                                     sums.new_tensor(float(n))])
                 bar.update(1)
-                bar.set_postfix_str(f"loss {sums[0] / sums[4]:.4f} "
-                                    f"{sums[4].item() * rt.world / (time.perf_counter() - start):.1f} img/s")
+                if bar.n % 25 == 0 or bar.n == n_batches:  # the loss shown costs a read: not every batch
+                    bar.set_postfix_str(f"loss {(sums[0] / sums[4]).item():.4f} "
+                                        f"{seen_here * rt.world / (time.perf_counter() - start):.1f} img/s")
         except DataError as exc:
             reraise_worker_error(exc)
         finally:
@@ -286,26 +297,24 @@ class Trainer:
         loss, ce, kd, correct, seen = rt.sum(sums.tolist())
         return EpochStats(loss / seen, ce / seen, kd / seen, correct / seen, lr, seconds, seen / seconds)
 
-    def _check_finite(self, loss: torch.Tensor, epoch: int, batch: int) -> None:
-        bad = 0.0 if torch.isfinite(loss).item() else 1.0
-        if self.rt.sum([bad])[0]:
-            raise TrainingError(
-                f"non-finite loss at epoch {epoch + 1}, batch {batch + 1} (optimiser step "
-                f"{epoch * self.steps_per_epoch + batch // self.cfg.optim.accum_steps}); nothing was saved over "
-                f"the last good checkpoint in {self.run_dir / 'checkpoints'}. Try a lower optim.lr or "
-                "run.precision=fp32"
-            )
-
-    def _check_weights(self, epoch: int, batch: int) -> None:
-        """A step that made any weight inf or NaN stops the run, like a non-finite loss."""
-        finite = torch.stack([torch.isfinite(p).all() for p in self.trainable]).all()
-        if self.rt.sum([0.0 if finite.item() else 1.0])[0]:
-            raise TrainingError(
-                f"non-finite weights after epoch {epoch + 1}, batch {batch + 1} (optimiser step "
-                f"{epoch * self.steps_per_epoch + batch // self.cfg.optim.accum_steps}); nothing was saved over "
-                f"the last good checkpoint in {self.run_dir / 'checkpoints'}. Try a lower optim.lr, "
-                "optim.grad_clip or run.precision=fp32"
-            )
+    def _check_step(self, bad_loss: torch.Tensor, epoch: int, batch: int) -> None:
+        """After each optimiser step, one read (and one all-reduce under torchrun): a non-finite loss in the step's
+        micro-batches, or a step that made any weight inf or NaN, stops the run before anything is saved."""
+        norms = torch._foreach_norm(self.trainable)  # one multi-tensor kernel on a GPU, not one check per tensor
+        bad_weights = ~torch.isfinite(torch.stack(norms)).all()
+        flags = torch.stack([bad_loss, bad_weights]).double()
+        if self.rt.distributed:
+            flags = torch.tensor(self.rt.sum(flags.tolist()))
+        loss_flag, weight_flag = flags.tolist()
+        bad_loss.zero_()
+        where = (f"epoch {epoch + 1}, batch {batch + 1} (optimiser step "
+                 f"{epoch * self.steps_per_epoch + batch // self.cfg.optim.accum_steps})")
+        kept = f"nothing was saved over the last good checkpoint in {self.run_dir / 'checkpoints'}"
+        if loss_flag:
+            raise TrainingError(f"non-finite loss at {where}; {kept}. Try a lower optim.lr or run.precision=fp32")
+        if weight_flag:
+            raise TrainingError(f"non-finite weights after {where}; {kept}. Try a lower optim.lr, optim.grad_clip "
+                                "or run.precision=fp32")
 
     def _meta(self, epoch: int, metrics: dict[str, Any] | None) -> dict[str, Any]:
         summary = None
@@ -315,7 +324,7 @@ class Trainer:
                                folder=self.run_dir / "checkpoints", epoch=epoch,
                                test_metrics=summary if self.selected_on == "test" else None)
 
-    def _save(self, epoch: int, metrics: dict[str, Any] | None) -> None:
+    def _save(self, epoch: int, metrics: dict[str, Any] | None, teacher_states: list[Any]) -> None:
         config_text = dump_config(self.cfg)
         if (self.run_dir / "config.yaml").read_text() != config_text:  # resumed with --set overrides
             with atomic_write(self.run_dir / "config.yaml") as tmp:
@@ -333,7 +342,8 @@ class Trainer:
             "optimizer_name": self.cfg.optim.name,
             "scaler": self.scaler.state_dict(), "best_accuracy": self.best_accuracy, "best_epoch": self.best_epoch,
             "model_config": model_settings(self.cfg),
-            "teacher_cache": self.model.extra_state(),
+            # each process's own (they saw different images): a resumed run continues exactly, per process
+            "teacher_cache": {"ranks": teacher_states},
         })
 
     def fit(self) -> Path:
@@ -354,8 +364,9 @@ class Trainer:
             if (epoch + 1) % cfg.run.eval_every == 0 or epoch + 1 == epochs:
                 metrics, _ = evaluate(self.net, self.select_set, self.class_names, rt, self.micro_batch,
                                       cfg.data.workers, cfg.run.progress, loader=self.select_loader)
+            teacher_states = rt.gather_to_main(self.model.extra_state())
             if rt.is_main:
-                self._save(epoch, metrics)
+                self._save(epoch, metrics, teacher_states)
                 self.on_checkpoint()
                 self.reporter.epoch(epoch, stats, metrics, self.threads.threads, (self.best_accuracy, self.best_epoch),
                                     rt.world)
@@ -368,7 +379,7 @@ class Trainer:
         validation split chose the epoch; the temperature is fitted on the split that chose it."""
         best = self.run_dir / "checkpoints" / "best.safetensors"
         chosen = rt_gather_path(self.rt, best if best.is_file() else self.run_dir / "checkpoints" / "last.safetensors")
-        tensors, meta, _ = read_checkpoint(chosen)
+        tensors, meta, _ = self.rt.from_main(lambda: read_checkpoint(chosen))  # rank 0 wrote it; no shared storage
         load_trainable(self.model, tensors, str(chosen))
         d, rt = self.cfg.data, self.rt
         selection, held_out = None, None

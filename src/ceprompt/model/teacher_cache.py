@@ -42,23 +42,31 @@ class TeacherCache(nn.Module):
         known views from the cache, the others from ``compute`` (on those rows only), then remembered."""
         if index is None or flip is None or not self.n_keys:
             return compute(lower).float()
-        keys = torch.where(flip.cpu() >= 0, 2 * index.cpu() + flip.cpu(), torch.full_like(flip.cpu(), -1))
+        flip, index = flip.cpu(), index.cpu()
+        keys = torch.where(flip >= 0, 2 * index + flip, torch.full_like(flip, -1))
         repeatable = keys >= 0
-        if not bool(repeatable.any()):
+        if not bool(repeatable.any()):  # CPU tensors: no wait for the device
             return compute(lower).float()
         self._allocate()
         known = repeatable & self.known[keys.clamp(min=0)]
         device = lower.device
+        # rows chosen by index lists made on the CPU and sent along: a boolean mask on the device would make
+        # the host wait for it (to count its rows)
+        hit, miss = known.nonzero().flatten(), (~known).nonzero().flatten()
         out = torch.empty(len(keys), self.dim, device=device)
-        if bool(known.any()):
-            out[known.to(device)] = self.values[keys[known].to(device)]
-        todo = ~known
-        if bool(todo.any()):
-            fresh = compute(lower[todo.to(device)]).float()
-            out[todo.to(device)] = fresh
-            new = repeatable[todo]
-            self.values[keys[todo][new].to(device)] = fresh[new.to(device)].to(self.values.device)
-            self.known[keys[todo][new]] = True
+        if len(hit):
+            out.index_copy_(0, hit.to(device, non_blocking=True),
+                            self.values.index_select(0, keys[hit].to(self.values.device, non_blocking=True)).to(device))
+        if len(miss):
+            miss_dev = miss.to(device, non_blocking=True)
+            fresh = compute(lower.index_select(0, miss_dev)).float()
+            out.index_copy_(0, miss_dev, fresh)
+            new = repeatable[miss].nonzero().flatten()  # positions within the computed rows
+            if len(new):
+                rows = keys[miss][new]
+                self.values.index_copy_(0, rows.to(self.values.device, non_blocking=True),
+                                        fresh.index_select(0, new.to(device, non_blocking=True)).to(self.values.device))
+                self.known[rows] = True
         return out
 
     def state(self) -> dict[str, torch.Tensor]:

@@ -27,7 +27,7 @@ from ..api import Recognizer
 from ..core.errors import CepromptError
 from ..core.outputs import OutputFile
 from ..core.runtime import Runtime
-from ..core.shares import ShareStore, deal, file_costs, job_key, plan_shares
+from ..core.shares import ShareStore, deal, file_costs, job_key, my_shares, plan_shares
 from ..data.class_names import canonical
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ def run_embed(rec: Recognizer, files: list[Path], output: OutputFile, detect: st
                             batch=batch_size, precision=rec.precision, classes=rec.class_names) if rt.is_main else "")[0]
     store = ShareStore(output.path, key, ".npz").open(rt)
     dealt = deal(shares, rt.world)
-    todo = [s for s in dealt[rt.rank] if not store.done(s)]
+    todo = my_shares(dealt, rt, store)
     failed = 0
     for share in tqdm(todo, disable=not (progress and rt.is_main), unit="share", desc="embed", dynamic_ncols=True,
                       file=sys.stderr):

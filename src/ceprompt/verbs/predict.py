@@ -23,7 +23,7 @@ from ..core.errors import CepromptError, ConfigError
 from ..core.paths import file_stem
 from ..core.ranges import POSITIVE_INT, check
 from ..core.runtime import Runtime
-from ..core.shares import Share, ShareStore, deal, file_costs, job_key, plan_shares
+from ..core.shares import Share, ShareStore, deal, file_costs, job_key, my_shares, plan_shares
 from ..data.images import IMAGE_SUFFIXES, VIDEO_SUFFIXES
 from .drawing import annotate, explanation_image
 from .predict_plan import PredictPlan, VideoOptions, expand_inputs, plan_predict
@@ -108,7 +108,7 @@ class _Job:
         store.key = rt.gather(store.key)[0]  # rank 0's fingerprint: every process reads the same inputs
         store.open(rt)
         dealt = deal(self.shares, rt.world)
-        todo = [s for s in dealt[rt.rank] if not store.done(s)]
+        todo = my_shares(dealt, rt, store)
         with self._bar(len(todo)) as bar:
             for share in todo:
                 with store.writing(share) as tmp, open(tmp, "w", encoding="utf-8", errors="surrogateescape") as fh:

@@ -1,0 +1,177 @@
+"""Beyond one process (issue 31): predict, embed, eval and video under torchrun (2 CPU processes over gloo) give a
+single process's output and divide the work; the device and precision choices for GPUs (mocked capabilities);
+what a job changes in the process is restored; resume state read once and each process's teacher cache kept."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ceprompt.cli import main
+from ceprompt.core import runtime
+from ceprompt.core.errors import ConfigError
+
+from helpers import class_image, train_tiny_runs, write_three_file_dataset
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    return train_tiny_runs(tmp_path_factory.mktemp("dist"), threads=1)
+
+
+def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
+           "ceprompt", *args]
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def single(*args: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "ceprompt", *args], env=ENV, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Path:
+    from videos import frame, moving, write_video
+
+    folder = tmp_path_factory.mktemp("inputs")
+    for i in range(11):
+        class_image(i % 7, 7, seed=40 + i, size=64).save(folder / f"face{i:02d}.png")
+    positions = moving((10, 20), (200, 40), 8)
+    write_video(folder / "clip.mp4", [frame((320, 240), [p]) for p in positions])
+    return folder
+
+
+def test_predict_under_torchrun_equals_one_process_and_divides_the_work(runs, inputs, tmp_path: Path) -> None:
+    pytest.importorskip("av")
+    common = [str(runs["s2"]), str(inputs), "--detect", "none", "--batch-size", "3", "--video-stride", "1",
+              "--no-progress", "--device", "cpu", "--precision", "fp32"]
+    proc = torchrun("predict", *common, "-o", str(tmp_path / "two.csv"), "--summary", str(tmp_path / "two.json"))
+    single("predict", *common, "-o", str(tmp_path / "one.csv"), "--summary", str(tmp_path / "one.json"))
+    assert (tmp_path / "two.csv").read_bytes() == (tmp_path / "one.csv").read_bytes()
+    assert (tmp_path / "two.json").read_text() == (tmp_path / "one.json").read_text()
+    with open(tmp_path / "one.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len({r["path"] for r in rows}) == 12 and any(r["frame"] for r in rows)
+    # both processes worked, neither did all of it: 4 shares of images (3 per share) and the video's own
+    done = [int(line.split("process ")[1].split(":")[1].split("share")[0]) for line in proc.stderr.splitlines()
+            if "share(s) of" in line]
+    assert len(done) == 2 and min(done) >= 1 and sum(done) == 5, proc.stderr[-2000:]
+    assert not list(tmp_path.glob(".*ceprompt-parts"))
+
+
+def test_embed_under_torchrun_equals_one_process(runs, inputs, tmp_path: Path) -> None:
+    common = [str(runs["s1"]), str(inputs), "--detect", "none", "--batch-size", "4", "--no-progress", "--device",
+              "cpu", "--precision", "fp32"]
+    torchrun("embed", *common, "-o", str(tmp_path / "two.npz"))
+    single("embed", *common, "-o", str(tmp_path / "one.npz"))
+    two, one = np.load(tmp_path / "two.npz"), np.load(tmp_path / "one.npz")
+    assert list(two["paths"]) == list(one["paths"]) and np.array_equal(two["embeddings"], one["embeddings"])
+
+
+def test_eval_under_torchrun_equals_one_process(runs, tmp_path: Path) -> None:
+    common = ["--checkpoint", str(runs["s2"]), "--data", str(runs["data"]), "--no-progress", "--device", "cpu",
+              "--precision", "fp32", "--batch-size", "3", "--workers", "0"]
+    torchrun("eval", *common, "--out", str(tmp_path / "two"))
+    single("eval", *common, "--out", str(tmp_path / "one"))
+    assert (tmp_path / "two" / "predictions.csv").read_bytes() == (tmp_path / "one" / "predictions.csv").read_bytes()
+
+
+def test_a_deterministic_two_process_run_killed_and_resumed_ends_with_the_same_weights(tmp_path: Path) -> None:
+    """Each process's teacher cache is saved and given back to that process; the resume state is read by rank 0
+    and sent to the other (no storage shared between nodes needed)."""
+    import signal
+    import time
+
+    from safetensors.torch import load_file
+
+    data = write_three_file_dataset(tmp_path / "RAF-DB", "rafdb", n_train=12, n_test=1)
+
+    def args(name: str) -> list[str]:
+        sets = [f"data.root={data}", "backbone.arch=tiny-vit", "data.workers=0", f"run.output_dir={tmp_path}",
+                f"run.name={name}", "run.deterministic=true", "run.device=cpu", "run.precision=fp32",
+                "optim.batch_size=14", "optim.epochs=8", "optim.warmup_epochs=1", "run.log_to=[]",
+                "run.progress=false", "head.top_k=4", "run.final_eval=false"]
+        return ["train", "--config", "rafdb_stage1", *[a for s in sets for a in ("--set", s)]]
+
+    torchrun(*args("straight"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ceprompt",
+           *args("killed")]
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    resume = tmp_path / "killed" / "resume.pt"
+    while proc.poll() is None and not resume.exists():
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole job, mid-run
+    proc.wait()
+    stopped_after = torch.load(resume, weights_only=True)["epoch"]
+    torchrun("train", "--resume", str(tmp_path / "killed"))
+    state = torch.load(resume, weights_only=True)
+    assert len(state["teacher_cache"]["ranks"]) == 2 and stopped_after < 8
+    got = load_file(tmp_path / "killed" / "checkpoints" / "last.safetensors")
+    want = load_file(tmp_path / "straight" / "checkpoints" / "last.safetensors")
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+# --- the GPU choices, on mocked devices ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("capability, precision", [((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"),
+                                                   ((9, 0), "bf16")])
+def test_precision_auto_follows_the_devices_compute_capability(monkeypatch, capability, precision) -> None:
+    asked: list[object] = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: asked.append(device) or capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # emulation counts as yes there
+    chosen, why = runtime.auto_precision(torch.device("cuda:1"))
+    assert chosen == precision and f"{capability[0]}.{capability[1]}" in why
+    assert asked == [torch.device("cuda:1")]  # the device in use, not GPU 0
+
+
+def test_cuda_n_under_torchrun_is_refused_and_cuda_takes_the_local_rank(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ConfigError, match="each process takes its own GPU"):
+        runtime.resolve_device("cuda:1", local_rank=1, local_world=2)
+    assert runtime.resolve_device("cuda", local_rank=1, local_world=2) == torch.device("cuda:1")
+    assert runtime.resolve_device("cuda:1", local_rank=0, local_world=1) == torch.device("cuda:1")
+
+
+def test_a_job_leaves_the_process_settings_as_it_found_them(monkeypatch) -> None:
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
+              torch.backends.cuda.matmul.allow_tf32)
+    rt = runtime.setup_runtime("cpu", "fp32", deterministic=True)
+    assert torch.are_deterministic_algorithms_enabled()
+    runtime.teardown_runtime(rt)
+    assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
+            torch.backends.cuda.matmul.allow_tf32) == before
+
+
+def test_the_collective_timeout_covers_rank_zeros_checks(monkeypatch) -> None:
+    monkeypatch.delenv("CEPROMPT_DIST_TIMEOUT_MINUTES", raising=False)
+    assert runtime.dist_timeout().total_seconds() == 3600  # torch's default is 10 minutes
+    monkeypatch.setenv("CEPROMPT_DIST_TIMEOUT_MINUTES", "240")
+    assert runtime.dist_timeout().total_seconds() == 240 * 60
+    monkeypatch.setenv("CEPROMPT_DIST_TIMEOUT_MINUTES", "soon")
+    with pytest.raises(ConfigError, match="CEPROMPT_DIST_TIMEOUT_MINUTES"):
+        runtime.dist_timeout()
+
+
+def test_an_fp16_run_resumes_with_its_loss_scale(tmp_path: Path) -> None:
+    data = write_three_file_dataset(tmp_path / "RAF-DB", "rafdb", n_train=2, n_test=1)
+    sets = [f"data.root={data}", "backbone.arch=tiny-vit", "data.workers=0", f"run.output_dir={tmp_path}",
+            "run.name=half", "run.device=cpu", "run.precision=fp16", "optim.batch_size=7", "optim.epochs=1",
+            "optim.warmup_epochs=0", "run.log_to=[]", "run.progress=false", "run.final_eval=false"]
+    assert main(["train", "--config", "rafdb_stage1", *[a for s in sets for a in ("--set", s)]]) == 0
+    saved = torch.load(tmp_path / "half" / "resume.pt", weights_only=True)["scaler"]
+    assert saved and saved["scale"] > 0
+    assert main(["train", "--resume", str(tmp_path / "half"), "--set", "optim.epochs=2"]) == 0
