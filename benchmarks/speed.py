@@ -5,6 +5,7 @@ reference code.
     python benchmarks/speed.py [--archs tiny-vit ViT-B-16] [--batch 16] [--steps 2] [--device cpu]
                                [--busy] [--compile] [--no-trainer] [--no-memory] [--out FILE]
     python benchmarks/speed.py --gpu    # on a CUDA machine: the GPU table, under 8 minutes on one GPU
+    python benchmarks/speed.py --gpu --smoke [--out FILE]   # the same cases, tiny shapes, on the CPU
 
 Models have random weights of the named shape (nothing is downloaded). For each model:
 
@@ -17,12 +18,18 @@ Models have random weights of the named shape (nothing is downloaded). For each 
 * a 12 MP phone photo with one face: the whole ``predict`` against its decode plus the model on one crop,
   and against MTCNN on the full image (ceprompt 0.2's detection);
 * the trainer (``ceprompt train`` in a subprocess, generated faces, two epochs; epoch 2's img/s) in fp32 and
-  bf16, against the bf16 gain of the bare step; with ``--gpu`` under torchrun (one process, NCCL);
+  bf16, against the bf16 gain of the bare step; with ``--gpu`` under torchrun, one process per GPU (NCCL),
+  12 steps an epoch;
+* ``rec.predict_video`` on a generated 640x360 clip with one moving face (frames per second);
 * with ``--compile``, the training steps with ``run.compile`` on and off (a fresh process each);
 * the peak memory of a stage-1 step with and without activation checkpointing.
 
 ``--busy`` keeps one core busy with another process for the whole run (a shared machine). Prints every
-number, a table of ratios, and writes JSON with the machine's CPU flags to ``benchmarks/results/``.
+number, a table of ratios, and writes JSON with the machine's CPU flags to ``benchmarks/results/``, after every
+case (a run cut short keeps what it measured). A case whose optional package is missing (facenet-pytorch, PyAV,
+scikit-image, FastAPI) is skipped with a note; a case that fails is recorded as failed; neither ends the run.
+On a GPU the ratios include the share of the device's dense bf16 peak that a step reaches (FLOPs counted by
+torch for one forward pass; a training step taken as three).
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from ceprompt.core.runtime import auto_precision
-from ceprompt.model.clip import build_clip, tokenize
+from ceprompt.model.clip import build_clip, get_arch, tokenize
 from ceprompt.model.head import emotion_scores
 from ceprompt.model.prompts import DEFAULT_TEMPLATE, class_prompts
 from ceprompt.model.stage import TrainBatch
@@ -222,52 +229,122 @@ def machine(device: str, busy: bool) -> dict:
     return info
 
 
-def run_arch(arch: str, n: int, steps: int, device: str, args: argparse.Namespace) -> dict:
+# Dense bf16 tensor-core peaks (FLOP/s) of GPUs this preset may meet, for the share of the peak a step reaches.
+BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12,
+             "RTX 4090": 165e12, "RTX 3090": 71e12}
+
+
+def forward_flops(arch: str) -> float:
+    """FLOPs of the vision tower's forward pass on one image (counted by torch, not estimated)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = build_clip(arch).eval()
+    size = get_arch(arch).image_size
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.encode_image(torch.zeros(1, 3, size, size))
+    return float(counter.get_total_flops())
+
+
+class Report:
+    """The results file, written again after every case: a run cut short keeps what it measured."""
+
+    def __init__(self, path: Path, header: dict) -> None:
+        self.path, self.data = path, {**header, "results": {}}
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def arch(self, arch: str) -> dict:
+        return self.data["results"].setdefault(arch, {})
+
+    def write(self) -> None:
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text(json.dumps(self.data, indent=2, default=float) + "\n")
+        os.replace(tmp, self.path)
+
+
+def run_arch(arch: str, n: int, steps: int, device: str, args: argparse.Namespace, report: Report) -> dict:
     import speed_verbs as verbs
 
-    r: dict = {}
+    r = report.arch(arch)
 
-    def show(name: str, value) -> None:
+    def case(name: str, measure) -> None:
+        """One case: measured, printed and written at once; a missing optional package skips it with a note and
+        any other failure is recorded, never the end of the run."""
+        try:
+            value = measure()
+        except ImportError as exc:
+            value = {"skipped": f"{exc.name or exc} is not installed"}
+        except Exception as exc:  # noqa: BLE001 - a benchmark reports a failed case and goes on
+            value = {"failed": (str(exc).splitlines() or [type(exc).__name__])[0][:200]}
         r[name] = value
         text = json.dumps(value, default=lambda v: round(v, 3)) if isinstance(value, dict) else f"{value:.3f}"
         print(f"  {name:44s} {text}", flush=True)
+        report.write()
 
     print(f"{arch} (batch {n}, {steps} timed steps, {device}, {torch.get_num_threads()} threads)", flush=True)
-    show("bare tower img/s", bare_tower(arch, n, steps, device))
+    case("bare tower img/s", lambda: bare_tower(arch, n, steps, device))
     for stage in ("stage-1", "stage-2"):
-        show(f"{stage} step img/s", train_steps(stage, arch, n, steps, device))
-    show("stage-1 step img/s, teacher cache cold", train_steps("stage-1", arch, n, steps, device, ("fp32",),
-                                                              teacher_cache=False))
-    show("naive stage-1 step img/s", {"fp32": naive_stage1_step(arch, n, steps, device)})
+        case(f"{stage} step img/s", lambda stage=stage: train_steps(stage, arch, n, steps, device))
+    case("stage-1 step img/s, teacher cache cold", lambda: train_steps("stage-1", arch, n, steps, device, ("fp32",),
+                                                                        teacher_cache=False))
+    case("naive stage-1 step img/s", lambda: {"fp32": naive_stage1_step(arch, n, steps, device)})
     for stage, build in (("stage-1", lambda: stage1_model(arch, device, kd_weight=0.0)),
                          ("stage-2", lambda: stage2_model(arch, device))):
         model = build()
-        show(f"{stage} eval img/s", evaluations(model, arch, n, steps, device))
-        show(f"{stage} predict img/s", verbs.predict_crops(model, arch, n, device, steps))
+        case(f"{stage} eval img/s", lambda model=model: evaluations(model, arch, n, steps, device))
+        case(f"{stage} predict img/s", lambda model=model: verbs.predict_crops(model, arch, n, device, steps))
         if stage == "stage-2":
-            show("stage-2 serve img/s (batch 1)", verbs.serve_requests(model, arch, device, steps))
-            show("12 MP photo, one face", verbs.phone_photo(model, arch, device))
-            show("512 px photos, MTCNN img/s", verbs.small_photos(model, arch, device))
+            case("stage-2 serve img/s (batch 1)", lambda: verbs.serve_requests(model, arch, device, steps))
+            case("12 MP photo, one face", lambda: verbs.phone_photo(model, arch, device))
+            case("512 px photos, MTCNN img/s", lambda: verbs.small_photos(model, arch, device))
+            case("video frames/s (640x360, one face)", lambda: verbs.video_frames(model, arch, device,
+                                                                               6 if args.smoke else 24))
     slow_cases = ("bf16",) if args.gpu else PRECISIONS  # the GPU table must fit in 8 minutes
     if args.trainer:
-        show("trainer epoch-2 img/s", verbs.trainer_epochs(arch, n if args.gpu else min(n, 14), device, slow_cases,
-                                                           torchrun=args.torchrun))
+        case("trainer epoch-2 img/s", lambda: verbs.trainer_epochs(
+            arch, n if args.gpu else min(n, 14), device, slow_cases, processes=args.processes,
+            steps_per_epoch=12 if args.gpu else 2))
     if args.compile:
-        cases = {}
-        for stage in ("stage-1", "stage-2"):
-            for p in slow_cases:
-                for c in (False, True):
-                    case = child("--step-case", stage, arch, str(n), str(steps), device, p, str(int(c)))
-                    cases[f"{stage} {p} {'compiled' if c else 'eager'}"] = case
-        show("step img/s (peak GiB), run.compile", cases)
+        def compiled_steps() -> dict:
+            cases = {}
+            for stage in ("stage-1", "stage-2"):
+                for p in slow_cases:
+                    for c in (False, True):
+                        cases[f"{stage} {p} {'compiled' if c else 'eager'}"] = child(
+                            "--step-case", stage, arch, str(n), str(steps), device, p, str(int(c)))
+            return cases
+        case("step img/s (peak GiB), run.compile", compiled_steps)
     if args.memory and device == "cpu":
-        show("stage-1 step memory, batch 32", measure_memory(arch, 32))
-    r["ratios"] = ratios(r)
+        case("stage-1 step memory, batch 32", lambda: measure_memory(arch, 32))
+    if device.startswith("cuda"):
+        case("forward GFLOPs per image", lambda: forward_flops(arch) / 1e9)
+    r["ratios"] = ratios(r, report.data["machine"])
+    report.write()
     return r
 
 
-def ratios(r: dict) -> dict[str, float]:
-    """The figures the README quotes, each a ratio of two measurements of this run."""
+def ratios(r: dict, machine_info: dict) -> dict[str, float]:
+    """The figures the README quotes, each a ratio of two measurements of this run (those whose cases were
+    measured; a skipped or failed case leaves its ratios out)."""
+    out: dict[str, float] = {}
+    for name, compute in RATIOS:
+        try:
+            out.update(compute(r))
+        except (KeyError, TypeError, ZeroDivisionError):
+            pass
+    peak = next((v for k, v in BF16_PEAK.items() if k in machine_info.get("gpu", "")), None)
+    flops = r.get("forward GFLOPs per image")
+    if peak and isinstance(flops, float):
+        for stage in ("stage-1", "stage-2"):  # a training step: about 3 forward passes' FLOPs (forward, backward)
+            step = r.get(f"{stage} step img/s", {})
+            if isinstance(step.get("bf16"), float):
+                out[f"{stage} step share of the bf16 peak"] = step["bf16"] * 3 * flops * 1e9 / peak
+            ev = r.get(f"{stage} eval img/s", {})
+            if isinstance(ev.get("bf16"), float):
+                out[f"{stage} eval share of the bf16 peak"] = ev["bf16"] * flops * 1e9 / peak
+    return {k: round(v, 3) for k, v in out.items()}
+
+
+def _stage_ratios(r: dict) -> dict[str, float]:
     bare = r["bare tower img/s"]
     out: dict[str, float] = {"bare tower bf16/fp32": bare["bf16"] / bare["fp32"]}
     for stage in ("stage-1", "stage-2"):
@@ -280,12 +357,22 @@ def ratios(r: dict) -> dict[str, float]:
         out[f"{stage} eval ours/naive (fp32)"] = ev["fp32"] / ev["naive fp32"]
     out["stage-1 step ours/naive (fp32)"] = r["stage-1 step img/s"]["fp32"] / r["naive stage-1 step img/s"]["fp32"]
     out["stage-1 step ours bf16 / naive fp32"] = r["stage-1 step img/s"]["bf16"] / r["naive stage-1 step img/s"]["fp32"]
-    serve = r["stage-2 serve img/s (batch 1)"]
-    for p in PRECISIONS:
-        out[f"serve / bare tower at batch 1 ({p})"] = serve[p] / bare[f"{p} batch 1"]
+    return out
+
+
+def _serve_ratios(r: dict) -> dict[str, float]:
+    bare, serve = r["bare tower img/s"], r["stage-2 serve img/s (batch 1)"]
+    return {f"serve / bare tower at batch 1 ({p})": serve[p] / bare[f"{p} batch 1"] for p in PRECISIONS}
+
+
+def _photo_ratios(r: dict) -> dict[str, float]:
     photo = r["12 MP photo, one face"]
-    out["12 MP photo / (decode + one face)"] = photo["predict s"] / (photo["decode s"] + photo["one face s"])
-    out["12 MP photo detection, 0.2 / now"] = photo["full-image MTCNN s"] / photo["detect s"]
+    return {"12 MP photo / (decode + one face)": photo["predict s"] / (photo["decode s"] + photo["one face s"]),
+            "12 MP photo detection, 0.2 / now": photo["full-image MTCNN s"] / photo["detect s"]}
+
+
+def _trainer_ratios(r: dict) -> dict[str, float]:
+    out: dict[str, float] = {}
     trainer = r.get("trainer epoch-2 img/s", {})
     compiled = r.get("step img/s (peak GiB), run.compile", {})
     for stage in ("stage-1", "stage-2"):
@@ -299,7 +386,11 @@ def ratios(r: dict) -> dict[str, float]:
             if f"{stage} {p} compiled" in compiled:
                 out[f"{stage} step compiled/eager ({p})"] = (compiled[f"{stage} {p} compiled"]["images_per_second"]
                                                              / compiled[f"{stage} {p} eager"]["images_per_second"])
-    return {k: round(v, 3) for k, v in out.items()}
+    return out
+
+
+RATIOS = (("stages", _stage_ratios), ("serve", _serve_ratios), ("photo", _photo_ratios),
+          ("trainer", _trainer_ratios))
 
 
 def main() -> None:
@@ -322,16 +413,27 @@ def main() -> None:
                         help="CPU threads (default: as every verb chooses them, from the cores other work leaves free)")
     parser.add_argument("--compile", action="store_true", help="also time the steps with run.compile")
     parser.add_argument("--no-trainer", dest="trainer", action="store_false", help="skip the trainer runs")
-    parser.add_argument("--torchrun", action="store_true", help="run the trainer under torchrun (one process)")
+    parser.add_argument("--processes", type=int, default=0,
+                        help="run the trainer under torchrun with this many processes (0: one plain process)")
     parser.add_argument("--no-memory", dest="memory", action="store_false")
     parser.add_argument("--gpu", action="store_true",
-                        help="the GPU preset: --device cuda --archs ViT-B-16 --batch 128 --compile --torchrun")
+                        help="the GPU preset: --device cuda --archs ViT-B-16 --batch 128 --compile, the trainer under "
+                             "torchrun with one process per GPU (NCCL)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="with --gpu: every case of the preset with tiny shapes on the CPU (2 gloo processes), to "
+                             "prove the preset before a GPU runs it")
     parser.add_argument("--out", help="default: benchmarks/results/speed.json (speed-busy.json with --busy, "
-                                      "speed-gpu.json with --gpu)")
+                                      "speed-gpu.json with --gpu, speed-smoke.json with --smoke)")
     args = parser.parse_args()
     if args.gpu:
-        args.device, args.archs, args.batch, args.compile, args.torchrun = "cuda", ["ViT-B-16"], 128, True, True
-    suffix = "-gpu" if args.gpu else "-busy" if args.busy else ""
+        args.archs, args.batch, args.compile, args.trainer = ["ViT-B-16"], 128, True, True
+        args.device = "cuda"
+        args.processes = max(1, torch.cuda.device_count())
+    if args.smoke:
+        args.gpu = True
+        args.device, args.archs, args.batch, args.steps, args.processes = "cpu", ["tiny-vit"], 4, 1, 2
+        args.memory = False  # a CPU-only case, not one of the GPU preset
+    suffix = "-smoke" if args.smoke else "-gpu" if args.gpu else "-busy" if args.busy else ""
     out_path = Path(args.out or ROOT / "benchmarks" / "results" / f"speed{suffix}.json")
     torch.manual_seed(0)
     neighbour = subprocess.Popen(BUSY_NEIGHBOUR) if args.busy else None
@@ -340,16 +442,15 @@ def main() -> None:
             time.sleep(1.0)
         from ceprompt.engine.threads import set_threads
         set_threads(args.threads or None)  # as every verb does: the cores other work leaves free
-        report = {"machine": machine(args.device, args.busy), "batch": args.batch, "steps": args.steps,
-                  "results": {}}
+        report = Report(out_path, {"machine": machine(args.device, args.busy), "batch": args.batch,
+                                   "steps": args.steps, "preset": suffix.lstrip("-") or "cpu"})
         for arch in args.archs:
-            report["results"][arch] = run_arch(arch, args.batch, args.steps, args.device, args)
+            run_arch(arch, args.batch, args.steps, args.device, args, report)
     finally:
         if neighbour:
             neighbour.kill()
             neighbour.wait()
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(report, indent=2) + "\n")
+    report = report.data
     print("\nratios (higher is better; bare tower = open_clip's encode_image at the same precision and batch)")
     for arch, r in report["results"].items():
         print(f"{arch}:")

@@ -120,15 +120,42 @@ def small_photos(model: torch.nn.Module, arch: str, device: str) -> float | str:
         return f"skipped ({str(exc).splitlines()[0][:80]})"
 
 
+def video_frames(model: torch.nn.Module, arch: str, device: str, frames: int = 24) -> dict[str, float]:
+    """Frames per second of ``rec.predict_video`` (decode, MTCNN, the model, tracking) on a generated 640x360 H.264
+    clip with one moving face (the astronaut's), every frame sampled, auto precision."""
+    from fractions import Fraction
+
+    import av
+
+    rec = recognizer(model, arch, device, "auto")
+    head = astronaut().crop((140, 20, 310, 230)).resize((120, 148))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "clip.mp4"
+        with av.open(str(path), mode="w") as container:
+            stream = container.add_stream("libx264", rate=Fraction(25))
+            stream.width, stream.height, stream.pix_fmt = 640, 360, "yuv420p"
+            for i in range(frames):
+                canvas = Image.new("RGB", (640, 360), (90, 110, 130))
+                canvas.paste(head, (40 + 18 * i, 100))
+                for packet in stream.encode(av.VideoFrame.from_image(canvas)):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+        list(rec.predict_video(path, stride=1))  # loads MTCNN, warms up
+        seconds = timed(lambda: list(rec.predict_video(path, stride=1)), repeats=2)
+    return {"frames/s": frames / seconds, "precision": rec.precision}
+
+
 def trainer_epochs(arch: str, batch: int, device: str, precisions: tuple[str, ...] = PRECISIONS,
-                   torchrun: bool = False) -> dict[str, float]:
-    """Epoch 2's training img/s of ``ceprompt train`` (a subprocess each) on generated faces (two batches), both
-    stages; stage 2 starts from the stage-1 run of the same precision. Epoch 1 pays one-off costs."""
+                   processes: int = 0, steps_per_epoch: int = 2) -> dict[str, float]:
+    """Epoch 2's training img/s of ``ceprompt train`` (a subprocess each) on generated faces, both stages; stage 2
+    starts from the stage-1 run of the same precision. Epoch 1 pays one-off costs (loader start, autotuning).
+    ``processes``: under torchrun with that many processes (NCCL on GPUs, gloo on CPUs), 0: one plain process."""
     size = get_arch(arch).image_size
     out: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        n_train = 2 * batch
+        n_train = steps_per_epoch * batch
         subprocess.run([sys.executable, "-m", "ceprompt", "make-demo-data", str(work / "data"), "--n-train",
                         str(n_train), "--n-test", str(batch), "--size", str(size)], check=True, capture_output=True)
         for precision in precisions:
@@ -143,11 +170,14 @@ def trainer_epochs(arch: str, batch: int, device: str, precisions: tuple[str, ..
                        "--output-dir", str(work), "--name", name, *[a for s in sets for a in ("--set", s)]]
                 if stage == "stage-2":
                     cmd += ["--init", str(work / f"stage-1-{precision}")]
-                launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"] \
-                    if torchrun else [sys.executable]
+                launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                            str(processes)] if processes else [sys.executable]
                 proc = subprocess.run(launcher + cmd, capture_output=True, text=True)
                 if proc.returncode:
                     raise RuntimeError(f"ceprompt train ({name}) failed:\n{proc.stderr[-3000:]}")
                 with open(work / name / "summary.csv", newline="") as fh:
                     out[f"{stage} {precision}"] = float(list(csv.DictReader(fh))[-1]["train_images_per_second"])
+                if processes > 1:
+                    log = (work / name / "train.log").read_text()
+                    out[f"{stage} {precision} processes"] = processes if f"x {processes} process(es)" in log else 0
     return out

@@ -3,6 +3,7 @@ matching open_clip's, detection on a downscaled copy finding the same faces, and
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -48,10 +49,33 @@ def test_auto_precision_without_torchs_probes_and_on_gpus(monkeypatch) -> None:
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
     monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)
     assert runtime.auto_precision(CPU)[0] == "fp32"  # an older torch: no claim of native bf16
+    # GPUs: the device's compute capability decides (tests/test_distributed.py), not is_bf16_supported
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert runtime.auto_precision(torch.device("cuda", 0)) == ("bf16", "the GPU supports bf16")
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    assert runtime.auto_precision(torch.device("cuda", 0))[0] == "fp32"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert runtime.auto_precision(torch.device("cuda", 0))[0] == "fp16"
+
+
+def test_the_gpu_preset_runs_every_case_with_tiny_shapes_on_the_cpu(tmp_path: Path) -> None:
+    """``speed.py --gpu --smoke``: the preset a first GPU run will use, end to end before any GPU exists; the
+    results file holds every case (none failed) and the trainer ran under torchrun with 2 processes."""
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "smoke.json"
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "speed.py"), "--gpu", "--smoke", "--out",
+                           str(out)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]["tiny-vit"]
+    cases = ["bare tower img/s", "stage-1 step img/s", "stage-2 step img/s", "stage-1 eval img/s",
+             "stage-2 eval img/s", "stage-1 predict img/s", "stage-2 predict img/s", "stage-2 serve img/s (batch 1)",
+             "12 MP photo, one face", "video frames/s (640x360, one face)", "trainer epoch-2 img/s",
+             "step img/s (peak GiB), run.compile"]
+    assert all(c in results for c in cases), set(cases) - set(results)
+    assert not [c for c, v in results.items() if isinstance(v, dict) and ("failed" in v or "skipped" in v)]
+    assert results["trainer epoch-2 img/s"]["stage-1 bf16 processes"] == 2
+    assert len(results["step img/s (peak GiB), run.compile"]) == 4 and results["ratios"]
 
 
 @pytest.fixture(scope="module")
@@ -131,8 +155,9 @@ def test_threads_follow_a_busy_machine_in_predict(runs, monkeypatch, tmp_path) -
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(threads, "_last_choice", None)
     monkeypatch.setattr(threads, "usable_cpus", lambda: 2)
-    samples = iter([threads.CpuSample(0, 0, 0.0, 0.0), threads.CpuSample(200, 200, 0.0, 1.0)])
-    monkeypatch.setattr(threads.CpuSample, "now", classmethod(lambda cls: next(samples)))
+    ticks = itertools.count()  # each sample 200 ticks later, all busy, none ours: the neighbour's core stays busy
+    monkeypatch.setattr(threads.CpuSample, "now", classmethod(lambda cls: threads.CpuSample(
+        200 * (t := next(ticks)), 200 * t, 0.0, float(t))))
     monkeypatch.setattr(threads.time, "sleep", lambda s: None)
     image = tmp_path / "face.png"
     Image.new("RGB", (64, 64), (128, 100, 90)).save(image)

@@ -285,13 +285,16 @@ class FERDataset(Dataset):
     """
 
     def __init__(self, samples: Sequence[Sample], resize: Callable, augment: Callable, cache: bool = False,
-                 workers: int = 8) -> None:
+                 workers: int = 8, size: int | None = None) -> None:
         self.samples = list(samples)
-        self.resize, self.augment = resize, augment
+        self.resize, self.augment, self.size = resize, augment, size  # size: the model's input, for scaled decoding
         self.cache: list[Image.Image] | None = None
         if cache:
             with ThreadPoolExecutor(max_workers=max(workers, 1)) as pool:
-                self.cache = list(pool.map(lambda s: self.resize(open_image(s.path)), self.samples))
+                self.cache = list(pool.map(self._load, self.samples))
+
+    def _load(self, sample: Sample) -> Image.Image:
+        return self.resize(open_image(sample.path, at_least=self.size))
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -305,7 +308,7 @@ class FERDataset(Dataset):
         seed alone decides the random augmentation (not the loader process's random state)."""
         index, seed = key if isinstance(key, tuple) else (key, None)
         sample = self.samples[index]
-        image = self.cache[index] if self.cache is not None else self.resize(open_image(sample.path))
+        image = self.cache[index] if self.cache is not None else self._load(sample)
         if seed is None:
             tensor, flip = self.augment(image)
         else:

@@ -177,8 +177,13 @@ def _to_8bit_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def open_image(source: Source, name: str | None = None) -> Image.Image:
-    """An upright 8-bit RGB image, fully decoded; :class:`ImageError` (naming the file) otherwise."""
+def open_image(source: Source, name: str | None = None, at_least: int | None = None) -> Image.Image:
+    """An upright 8-bit RGB image, fully decoded; :class:`ImageError` (naming the file) otherwise.
+
+    ``at_least``: the image will be resized to this many pixels a side, so a JPEG may be decoded at 1/2, 1/4 or
+    1/8 of its size where both sides stay at least that large (libjpeg's scaled decoding: the resize that follows
+    then has a quarter or less of the pixels to work through). Training and evaluation read datasets this way;
+    photos given to ``predict`` are decoded whole (their faces are cut from them at full resolution)."""
     name = name or (str(source) if isinstance(source, (str, os.PathLike)) else "image")
     try:
         image = _open(source, name)
@@ -186,6 +191,8 @@ def open_image(source: Source, name: str | None = None) -> Image.Image:
         raise ImageError(f"{name}: cannot decode image ({exc})") from None
     try:
         with image:
+            if at_least and image.format == "JPEG":
+                image.draft("RGB", (at_least, at_least))
             image.load()
             return _to_8bit_rgb(_upright(image))
     except _NOT_THE_FILE:

@@ -100,12 +100,14 @@ class Trainer:
         resize = self.preprocess.resize()
         augment = train_augment(d.augment or default_augment(d.dataset), self.preprocess)
         held_out = self.splits.val
-        self.train_set = FERDataset(self.splits.train, resize, augment, cache=d.cache_images, workers=d.workers)
+        size = self.preprocess.image_size
+        self.train_set = FERDataset(self.splits.train, resize, augment, cache=d.cache_images, workers=d.workers,
+                                    size=size)
         self.test_set = FERDataset(self.splits.test, resize, test_transform(self.preprocess), cache=d.cache_images,
-                                   workers=d.workers)
+                                   size=size, workers=d.workers)
         # the split that chooses the best epoch and the temperature: a validation split carved from the training
         # images when data.val_fraction is set, else the test split (the paper's protocol)
-        self.val_set = FERDataset(held_out, resize, test_transform(self.preprocess)) if held_out else None
+        self.val_set = FERDataset(held_out, resize, test_transform(self.preprocess), size=size) if held_out else None
         self.selected_on = "val" if held_out else "test"
         if not len(self.train_set) or not len(self.test_set):
             split = "training" if not len(self.train_set) else "test"

@@ -93,7 +93,7 @@ def _evaluate(rt: Runtime, out_path: Path, overwrite: bool, data_root: str | Pat
                                                                class_aliases if class_aliases is not None else recorded)
     if not samples:
         raise ConfigError(f"{dataset} at {data_root}: the {split} split is empty")
-    data = FERDataset(samples, pre.resize(), test_transform(pre))
+    data = FERDataset(samples, pre.resize(), test_transform(pre), size=pre.image_size)
     model = model.to(rt.device).eval()
     text = None
     if words is not None:
