@@ -111,6 +111,57 @@ def test_the_demo_clip_pretraining_follows_the_load_and_says_why_it_is_slow(monk
     assert lines and "min left" in lines[-1] and "1.0 of 2 cores busy" in lines[-1]
 
 
+def test_a_recognizer_follows_the_load_in_the_thread_that_computes(monkeypatch) -> None:
+    """One face at a time on a busy machine ran 2.5-3.8x slower per face on two threads than on one
+    (README, Speed): a recognizer re-chooses its threads before each batch, in the calling thread (a server's
+    worker thread keeps its own count); a count the user gave is kept."""
+    import threading
+
+    from test_recognizer import crops, recognizer
+
+    import ceprompt.api as api
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "usable_cpus", lambda: 2)
+    monkeypatch.setattr(threads, "choose_threads", lambda: (2, "test"))
+    monkeypatch.setattr(threads, "affinity_cpus", lambda: [0, 1])
+    monkeypatch.setattr(api, "RECHECK_SECONDS", 0.0)
+    busy = {"share": 0.0, "ticks": 0, "t": 0}  # share: of the 100 ticks between two samples, those others used
+
+    def sample(cls):
+        busy["t"] += 1
+        busy["ticks"] += int(busy["share"] * 100)
+        return CpuSample(busy["ticks"], 100 * busy["t"], 0.0, float(busy["t"]))
+
+    monkeypatch.setattr(CpuSample, "now", classmethod(sample))
+    before = torch.get_num_threads()
+    try:
+        adaptive, fixed = recognizer("eva", threads=None), recognizer("eva", threads=2)
+        seen: list[int] = []
+        for rec in (adaptive, fixed):
+            rec.model.register_forward_pre_hook(lambda module, args: seen.append(torch.get_num_threads()))
+
+        def in_a_worker_thread() -> None:
+            worker = threading.Thread(target=lambda: adaptive.predict_batch(crops(1), detect="none"))
+            worker.start()
+            worker.join()
+
+        in_a_worker_thread()
+        busy["share"] = 0.5  # a neighbour keeps one of the two cores busy
+        in_a_worker_thread()
+        adaptive.predict_batch(crops(1), detect="none")
+        busy["share"] = 0.0  # and leaves
+        in_a_worker_thread()
+        assert seen == [2, 1, 1, 2]
+        busy["share"] = 0.5
+        fixed.predict_batch(crops(1), detect="none")
+        assert seen[-1] == 2  # the count the user gave stays
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(Exception, match="threads=0"):
+        recognizer("eva", threads=0)
+
+
 def test_threads_option_is_recorded_in_the_run(tmp_path: Path, capsys) -> None:
     data = write_three_file_dataset(tmp_path / "raf", "rafdb", n_train=2, n_test=1)
     sets = ["backbone.arch=tiny-vit", f"data.root={data}", "data.workers=0", "optim.epochs=2", "optim.batch_size=7",

@@ -41,6 +41,7 @@ from .data.faces import (
     whole_image_face,
 )
 from .data.images import open_image
+from .engine.threads import RECHECK_SECONDS, ThreadGovernor
 from .model.head import ScoreOutput, patch_class_similarity
 from .model.towers import store_block_matrices
 from .video.decode import Frame, VideoError, VideoReader
@@ -97,15 +98,21 @@ class Recognizer:
     def __init__(self, loaded: LoadedModel, device: str = "auto", precision: str = "auto",
                  detector_threshold: float | None = None, min_face_size: MinFace | str | int = DEFAULT_MIN_FACE,
                  expand: float = DEFAULT_EXPAND, classes: Sequence[str] | None = None,
-                 class_aliases: Sequence[str] | None = None) -> None:
+                 class_aliases: Sequence[str] | None = None, threads: int | None = None) -> None:
         """``detector_threshold``: the face detector's confidence threshold (None: the detector's own default,
         MTCNN 0.9, CenterFace 0.5). ``min_face_size``: the smallest face searched for, in pixels (``20`` or ``"20px"``), as a share of
         the image's shorter side (``"2%"``) or the larger of both (``"20px,2%"``, the default).
 
         ``classes``: score exactly these classes, named as given (default: the trained ones). A name that
         matches a trained class (by name or alias, ``class_aliases`` entries ``ALIAS=CLASS`` adding to the
-        built-in table) uses that class's trained prompt; any other is scored from its own words."""
+        built-in table) uses that class's trained prompt; any other is scored from its own words.
+
+        ``threads``: CPU threads for detection and the model (default: the cores other processes leave free,
+        re-checked before each batch at most every 2 s, since one face at a time on a busy machine runs several
+        times slower on a thread that shares its core; ``OMP_NUM_THREADS`` fixes it too)."""
         self.device = resolve_device(device)
+        threads = None if threads is None else check("threads", threads, POSITIVE_INT)
+        self._threads = ThreadGovernor(threads, every=RECHECK_SECONDS) if self.device.type == "cpu" else None
         self.precision = resolve_precision(precision, self.device)
         self.model = loaded.model.to(self.device).eval()
         if self.precision != "fp32":  # the recognizer owns its model: blocks keep the autocast dtype's weights
@@ -187,6 +194,7 @@ class Recognizer:
         if detect == "none":
             return [[(whole_image_face(image), self._resize(image))] for image in images]
         detector = self.detector_for(detect)
+        self._follow_load()
         try:
             found: list[Any] = detector.detect_many(images)
         except CepromptError:
@@ -205,8 +213,13 @@ class Recognizer:
                 [(f, align_face(image, f.box, f.landmarks, size, self.expand)) for f in faces]
                 for image, faces in zip(images, found)]
 
+    def _follow_load(self) -> None:
+        if self._threads is not None:
+            self._threads.follow()
+
     @torch.no_grad()
     def _forward(self, crops: Sequence[Image.Image]) -> ScoreOutput:
+        self._follow_load()
         batch = self.preprocess.batch_tensor(crops).to(self.device)
         with self._autocast():
             return self.model(batch, text_features=self.text_features)

@@ -175,7 +175,7 @@ def run_predict(args: argparse.Namespace) -> int:
             warnings.simplefilter("ignore", UserWarning)  # the model's notice is printed below, once, without a path
             rec = load(args.checkpoint, device=str(rt.device), precision=rt.precision,
                        detector_threshold=args.threshold, min_face_size=args.min_face, classes=args.classes,
-                       class_aliases=args.class_alias)
+                       class_aliases=args.class_alias, threads=args.threads)
         for note in (rec.notice, rec.classes_note) if rt.is_main else ():
             if note:
                 print(f"ceprompt predict: note: {note}", file=sys.stderr)
@@ -270,7 +270,7 @@ def run_embed(args: argparse.Namespace) -> int:
             claim.claim()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            rec = load(args.checkpoint, device=str(rt.device), precision=rt.precision)
+            rec = load(args.checkpoint, device=str(rt.device), precision=rt.precision, threads=args.threads)
         features, failed = run_embed(rec, files, out, detect=args.detect, batch_size=args.batch_size,
                                      progress=not args.no_progress, rt=rt)
         if features is None:  # another torchrun process: rank 0 writes and reports
@@ -336,5 +336,5 @@ def run_serve(args: argparse.Namespace) -> int:
           pixel_budget=int(args.pixels_in_flight * 1_000_000), max_connections=args.max_connections,
           header_timeout=args.header_timeout, keep_alive=args.keep_alive, classes=args.classes,
           class_aliases=args.class_alias, max_faces=args.max_faces, per_client=args.max_connections_per_client,
-          batch_window=args.batch_window)
+          batch_window=args.batch_window, threads=args.threads)
     return 0

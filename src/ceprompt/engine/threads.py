@@ -10,7 +10,13 @@ faster than one. So the default is chosen from what is free now:
   of the host but may only use a few);
 * minus the cores other processes keep busy, sampled from ``/proc/stat`` for 0.1 s (our own CPU time
   is subtracted; data-loader worker processes count as load, so they are counted against the threads);
-* at least one thread. Training re-checks at every epoch and adapts.
+* at least one thread. Training re-checks at every epoch and adapts; a recognizer (predict, serve, live, the
+  Python API) re-checks before its work at most every :data:`RECHECK_SECONDS`.
+
+Why a recognizer must follow the load: one face at a time is many small parallel regions per image, and each
+waits for its slowest thread. Measured on 2 shared Zen 4 cores (``benchmarks/speed.py``, README): ViT-B/16 in
+bf16 at batch 1 ran at the same per-face speed as at batch 16 on an idle machine, but with two other processes
+busy it ran 2.5-3.8x slower per face than at batch 16 on two threads, and 1.0-1.1x on one.
 
 ``--threads N`` (``run.threads``) or ``OMP_NUM_THREADS`` fix the count instead.
 """
@@ -20,12 +26,14 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 SAMPLE_SECONDS = 0.1
+RECHECK_SECONDS = 2.0  # a service's calls: /proc/stat read at most this often (about 50 us a read)
 _CHOICE_TTL = 30.0  # a process that starts several jobs in a row reuses a recent choice
 _last_choice: tuple[float, int, str] | None = None
 
@@ -150,14 +158,16 @@ def set_threads(requested: int | None = None) -> int:
 
 class ThreadGovernor:
     """A long job's thread count: fixed when the user chose it, else re-chosen at each :meth:`recheck` (training:
-    every epoch; the demo CLIP's pretraining: every few seconds) from the load other processes put on our cores
-    since the previous one.
+    every epoch; the demo CLIP's pretraining: every few seconds; a recognizer: :meth:`follow` before each batch)
+    from the load other processes put on our cores since the previous one.
 
     With ``adapt=False`` (``--deterministic``: results depend on the thread count, since torch's CPU
     kernels split some sums per thread) the count is every usable core, whatever the load.
     """
 
-    def __init__(self, requested: int | None, adapt: bool = True) -> None:
+    def __init__(self, requested: int | None, adapt: bool = True, every: float = 0.0) -> None:
+        self.every = every
+        self._lock = threading.Lock()  # several server threads may follow at once
         self.fixed = bool(requested) or "OMP_NUM_THREADS" in os.environ or not adapt
         self.usable = usable_cpus()
         self.threads = set_threads(requested or (None if adapt else self.usable))
@@ -180,6 +190,20 @@ class ThreadGovernor:
                      self.busy, self.usable)
             torch.set_num_threads(threads)
             self.threads = threads
+        return self.threads
+
+    def follow(self) -> int:
+        """Before a short piece of work, in the thread that will run it: re-check the load when :attr:`every`
+        seconds have passed since the last check, and make this thread's count the chosen one (torch's thread
+        count is kept per calling thread: a server's worker thread does not see a count set elsewhere)."""
+        import torch
+
+        if not self.fixed and self.sample is not None and time.monotonic() - self.sample.wall >= self.every:
+            with self._lock:
+                if time.monotonic() - self.sample.wall >= self.every:
+                    self.recheck()
+        if torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
         return self.threads
 
     def why_slow(self) -> str:

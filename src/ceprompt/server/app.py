@@ -285,7 +285,7 @@ def serve(checkpoint: str | None, host: str = "127.0.0.1", port: int = 8000, max
           header_timeout: float = DEFAULT_HEADER_TIMEOUT, keep_alive: float = DEFAULT_KEEP_ALIVE,
           classes: Sequence[str] | None = None, class_aliases: Sequence[str] | None = None,
           max_faces: int = DEFAULT_MAX_FACES, per_client: int | None = None,
-          batch_window: float = DEFAULT_WINDOW) -> None:
+          batch_window: float = DEFAULT_WINDOW, threads: int | None = None) -> None:
     try:
         import uvicorn
     except ImportError:
@@ -296,7 +296,7 @@ def serve(checkpoint: str | None, host: str = "127.0.0.1", port: int = 8000, max
         warnings.simplefilter("ignore", UserWarning)  # the model's notice is logged below, once
         options = {} if min_face is None else {"min_face_size": min_face}
         rec = load(resolve_checkpoint(checkpoint), device=device, precision=precision, classes=classes,
-                   class_aliases=class_aliases, **options)
+                   class_aliases=class_aliases, threads=threads, **options)
     app = guarded(create_app(rec, max_upload_bytes, pixel_budget, class_aliases, max_faces, batch_window), host,
                   max_upload_bytes, allow_origins, allow_hosts)
     if host not in ("127.0.0.1", "localhost", "::1"):
