@@ -6,6 +6,7 @@ reference code.
                                [--busy] [--compile] [--no-trainer] [--no-memory] [--out FILE]
     python benchmarks/speed.py --gpu    # on a CUDA machine: the GPU table, under 8 minutes on one GPU
     python benchmarks/speed.py --gpu --smoke [--out FILE]   # the same cases, tiny shapes, on the CPU
+    python benchmarks/speed.py --one-face [--busy]   # a face alone against a face in a batch, the API, a photo
 
 Models have random weights of the named shape (nothing is downloaded). For each model:
 
@@ -13,8 +14,10 @@ Models have random weights of the named shape (nothing is downloaded). For each 
 * training steps of both stages (stage 1 with the teacher cache warm and cold) and the naive stage-1 loop
   (teacher as a separate CLIP, text recomputed every step, fp32);
 * evaluation of both stages against the naive loop (text recomputed every batch);
-* ``Recognizer.predict_batch`` on face crops, the web API on one crop per request (batch 1), both against
-  the bare tower at the same precision and batch;
+* ``Recognizer.predict_batch`` on face crops, at the batch size and one crop at a time, and the web API on one
+  crop per request (batch 1), both against the bare tower at the same precision and batch;
+* a real server (uvicorn on a local port) with 1 and with 8 clients uploading at once: requests per second and
+  the faces per forward pass (the batching window at work);
 * a 12 MP phone photo with one face: the whole ``predict`` against its decode plus the model on one crop,
   and against MTCNN on the full image (ceprompt 0.2's detection);
 * the trainer (``ceprompt train`` in a subprocess, generated faces, two epochs; epoch 2's img/s) in fp32 and
@@ -269,6 +272,8 @@ def run_arch(arch: str, n: int, steps: int, device: str, args: argparse.Namespac
     def case(name: str, measure) -> None:
         """One case: measured, printed and written at once; a missing optional package skips it with a note and
         any other failure is recorded, never the end of the run."""
+        if args.one_face and name not in ONE_FACE_CASES:
+            return
         try:
             value = measure()
         except ImportError as exc:
@@ -276,7 +281,8 @@ def run_arch(arch: str, n: int, steps: int, device: str, args: argparse.Namespac
         except Exception as exc:  # noqa: BLE001 - a benchmark reports a failed case and goes on
             value = {"failed": (str(exc).splitlines() or [type(exc).__name__])[0][:200]}
         r[name] = value
-        text = json.dumps(value, default=lambda v: round(v, 3)) if isinstance(value, dict) else f"{value:.3f}"
+        shown = {k: round(v, 3) if isinstance(v, float) else v for k, v in value.items()} if isinstance(value, dict) else value
+        text = json.dumps(shown, default=str) if isinstance(value, dict) else f"{value:.3f}"
         print(f"  {name:44s} {text}", flush=True)
         report.write()
 
@@ -289,17 +295,21 @@ def run_arch(arch: str, n: int, steps: int, device: str, args: argparse.Namespac
     case("naive stage-1 step img/s", lambda: {"fp32": naive_stage1_step(arch, n, steps, device)})
     for stage, build in (("stage-1", lambda: stage1_model(arch, device, kd_weight=0.0)),
                          ("stage-2", lambda: stage2_model(arch, device))):
+        if args.one_face and stage == "stage-1":
+            continue
         model = build()
         case(f"{stage} eval img/s", lambda model=model: evaluations(model, arch, n, steps, device))
         case(f"{stage} predict img/s", lambda model=model: verbs.predict_crops(model, arch, n, device, steps))
         if stage == "stage-2":
             case("stage-2 serve img/s (batch 1)", lambda: verbs.serve_requests(model, arch, device, steps))
+            case("web API, concurrent clients", lambda: verbs.serve_concurrent(model, arch, device,
+                                                                               per_client=2 if args.smoke else 4))
             case("12 MP photo, one face", lambda: verbs.phone_photo(model, arch, device))
             case("512 px photos, MTCNN img/s", lambda: verbs.small_photos(model, arch, device))
             case("video frames/s (640x360, one face)", lambda: verbs.video_frames(model, arch, device,
                                                                                6 if args.smoke else 24))
     slow_cases = ("bf16",) if args.gpu else PRECISIONS  # the GPU table must fit in 8 minutes
-    if args.trainer:
+    if args.trainer and not args.one_face:
         case("trainer epoch-2 img/s", lambda: verbs.trainer_epochs(
             arch, n if args.gpu else min(n, 14), device, slow_cases, processes=args.processes,
             steps_per_epoch=12 if args.gpu else 2))
@@ -365,6 +375,20 @@ def _serve_ratios(r: dict) -> dict[str, float]:
     return {f"serve / bare tower at batch 1 ({p})": serve[p] / bare[f"{p} batch 1"] for p in PRECISIONS}
 
 
+def _one_face_ratios(r: dict) -> dict[str, float]:
+    """A face alone against a face in a batch (time per face, so higher is worse), and the web API's gain from
+    concurrent clients sharing forward passes."""
+    out: dict[str, float] = {}
+    for name, key in (("bare tower", "bare tower img/s"), ("recognizer", "stage-2 predict img/s")):
+        if key in r:
+            for p in PRECISIONS:
+                out[f"{name} time per face, batch 1 / batched ({p})"] = r[key][p] / r[key][f"{p} batch 1"]
+    api = r.get("web API, concurrent clients", {})
+    if "req/s, 1 client(s)" in api:
+        out["web API req/s, 8 clients / 1"] = api["req/s, 8 client(s)"] / api["req/s, 1 client(s)"]
+    return out
+
+
 def _photo_ratios(r: dict) -> dict[str, float]:
     photo = r["12 MP photo, one face"]
     return {"12 MP photo / (decode + one face)": photo["predict s"] / (photo["decode s"] + photo["one face s"]),
@@ -389,7 +413,9 @@ def _trainer_ratios(r: dict) -> dict[str, float]:
     return out
 
 
-RATIOS = (("stages", _stage_ratios), ("serve", _serve_ratios), ("photo", _photo_ratios),
+ONE_FACE_CASES = ("bare tower img/s", "stage-2 predict img/s", "stage-2 serve img/s (batch 1)",
+                  "web API, concurrent clients", "12 MP photo, one face")
+RATIOS = (("stages", _stage_ratios), ("serve", _serve_ratios), ("one face", _one_face_ratios), ("photo", _photo_ratios),
           ("trainer", _trainer_ratios))
 
 
@@ -422,8 +448,12 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true",
                         help="with --gpu: every case of the preset with tiny shapes on the CPU (2 gloo processes), to "
                              "prove the preset before a GPU runs it")
-    parser.add_argument("--out", help="default: benchmarks/results/speed.json (speed-busy.json with --busy, "
-                                      "speed-gpu.json with --gpu, speed-smoke.json with --smoke)")
+    parser.add_argument("--one-face", action="store_true",
+                        help="only the one-face-at-a-time cases: the bare tower and the recognizer at batch 1 and at "
+                             "--batch, the web API with 1 and 8 clients, the 12 MP photo's split")
+    parser.add_argument("--out", help="default: benchmarks/results/speed.json (speed-gpu.json with --gpu, "
+                                      "speed-smoke.json with --smoke, speed-one-face.json with --one-face; "
+                                      "-busy before .json with --busy)")
     args = parser.parse_args()
     if args.gpu:
         args.archs, args.batch, args.compile, args.trainer = ["ViT-B-16"], 128, True, True
@@ -433,7 +463,8 @@ def main() -> None:
         args.gpu = True
         args.device, args.archs, args.batch, args.steps, args.processes = "cpu", ["tiny-vit"], 4, 1, 2
         args.memory = False  # a CPU-only case, not one of the GPU preset
-    suffix = "-smoke" if args.smoke else "-gpu" if args.gpu else "-busy" if args.busy else ""
+    suffix = "-smoke" if args.smoke else "-gpu" if args.gpu else ""
+    suffix = ("-one-face" if args.one_face else "") + suffix + ("-busy" if args.busy else "")
     out_path = Path(args.out or ROOT / "benchmarks" / "results" / f"speed{suffix}.json")
     torch.manual_seed(0)
     neighbour = subprocess.Popen(BUSY_NEIGHBOUR) if args.busy else None
@@ -451,7 +482,8 @@ def main() -> None:
             neighbour.kill()
             neighbour.wait()
     report = report.data
-    print("\nratios (higher is better; bare tower = open_clip's encode_image at the same precision and batch)")
+    print("\nratios (higher is better, except time per face; bare tower = open_clip's encode_image at the same "
+          "precision and batch)")
     for arch, r in report["results"].items():
         print(f"{arch}:")
         for name, value in r["ratios"].items():

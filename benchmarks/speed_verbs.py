@@ -41,14 +41,20 @@ def astronaut() -> Image.Image:
 
 
 def predict_crops(model: torch.nn.Module, arch: str, n: int, device: str, rounds: int) -> dict[str, float]:
-    """``predict_batch`` on ``n`` face crops (``detect="none"``), decoded images in, probabilities out; fp32 and
-    bf16 taking turns."""
+    """``predict_batch`` on ``n`` face crops (``detect="none"``), decoded images in, probabilities out, and one
+    crop at a time (``batch_size=1``, three calls: a phone photo, an API request, a camera frame); fp32 and bf16,
+    all four taking turns."""
     size = get_arch(arch).image_size
     crops = [astronaut().resize((size, size))] * n
     cases = {}
     for precision in PRECISIONS:
         rec = recognizer(model, arch, device, precision)
         cases[precision] = (lambda rec=rec: rec.predict_batch(crops, detect="none", batch_size=n), n)
+
+        def one_at_a_time(rec: Recognizer = rec) -> None:
+            for _ in range(3):
+                rec.predict_batch(crops[:1], detect="none", batch_size=1)
+        cases[f"{precision} batch 1"] = (one_at_a_time, 3)
     return interleaved(cases, rounds, device)
 
 
@@ -181,3 +187,69 @@ def trainer_epochs(arch: str, batch: int, device: str, precisions: tuple[str, ..
                     log = (work / name / "train.log").read_text()
                     out[f"{stage} {precision} processes"] = processes if f"x {processes} process(es)" in log else 0
     return out
+
+
+def serve_concurrent(model: torch.nn.Module, arch: str, device: str, clients: tuple[int, ...] = (1, 8),
+                     per_client: int = 4, rounds: int = 2) -> dict[str, float]:
+    """Requests per second of a real server (uvicorn on a local port, the app ``ceprompt serve`` runs, auto
+    precision) with 1 and with 8 clients uploading at once, each client sending ``per_client`` face crops (PNG,
+    ``detect=none``) one after the other; the client counts take turns. Also the faces per forward pass with the
+    most clients: the server's batching window at work."""
+    import socket
+    import threading
+
+    import httpx
+    import uvicorn
+
+    from ceprompt.server.app import create_app
+
+    rec = recognizer(model, arch, device, "auto")
+    batches: list[int] = []
+    rec.model.register_forward_pre_hook(lambda module, args: batches.append(int(args[0].shape[0])))
+    size = get_arch(arch).image_size
+    buf = io.BytesIO()
+    astronaut().resize((size, size)).save(buf, format="PNG")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(rec), host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.02)
+        url = f"http://127.0.0.1:{port}/api/predict?detect=none"
+
+        def client(failures: list[str]) -> None:
+            with httpx.Client(timeout=600) as http:
+                for _ in range(per_client):
+                    response = http.post(url, files={"file": ("face.png", buf.getvalue(), "image/png")})
+                    if response.status_code != 200:
+                        failures.append(response.text[:200])
+
+        def requests_per_second(n: int) -> float:
+            failures: list[str] = []
+            workers = [threading.Thread(target=client, args=(failures,)) for _ in range(n)]
+            start = time.perf_counter()
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+            seconds = time.perf_counter() - start
+            if failures:
+                raise RuntimeError(f"the server answered {failures[0]}")
+            return n * per_client / seconds
+
+        requests_per_second(1)  # warm-up
+        seen: dict[int, list[float]] = {n: [] for n in clients}
+        for _ in range(rounds):
+            for n in clients:
+                batches.clear()
+                seen[n].append(requests_per_second(n))
+        out = {f"req/s, {n} client(s)": statistics.median(v) for n, v in seen.items()}
+        out[f"faces per forward pass, {clients[-1]} clients"] = sum(batches) / max(len(batches), 1)
+        out["precision"] = rec.precision
+        return out
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

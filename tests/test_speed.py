@@ -70,12 +70,15 @@ def test_the_gpu_preset_runs_every_case_with_tiny_shapes_on_the_cpu(tmp_path: Pa
     results = json.loads(out.read_text())["results"]["tiny-vit"]
     cases = ["bare tower img/s", "stage-1 step img/s", "stage-2 step img/s", "stage-1 eval img/s",
              "stage-2 eval img/s", "stage-1 predict img/s", "stage-2 predict img/s", "stage-2 serve img/s (batch 1)",
+             "web API, concurrent clients",
              "12 MP photo, one face", "video frames/s (640x360, one face)", "trainer epoch-2 img/s",
              "step img/s (peak GiB), run.compile"]
     assert all(c in results for c in cases), set(cases) - set(results)
     assert not [c for c, v in results.items() if isinstance(v, dict) and ("failed" in v or "skipped" in v)]
     assert results["trainer epoch-2 img/s"]["stage-1 bf16 processes"] == 2
     assert len(results["step img/s (peak GiB), run.compile"]) == 4 and results["ratios"]
+    assert {"fp32 batch 1", "bf16 batch 1"} <= set(results["stage-2 predict img/s"])  # a face alone, beside a batch
+    assert results["web API, concurrent clients"]["req/s, 8 client(s)"] > 0
 
 
 @pytest.fixture(scope="module")
