@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import numpy as np
@@ -97,3 +98,9 @@ def precision_agreement(model: Path, images: list) -> tuple[float, float]:
         probs[precision] = np.array([[f[0].probabilities[c] for c in rec.class_names] for f in faces])
     same = (probs["fp32"].argmax(1) == probs["bf16"].argmax(1)).mean()
     return float(same), float(np.abs(probs["fp32"] - probs["bf16"]).max())
+
+
+def rows_of(path: Path) -> list[dict[str, str]]:
+    """The rows of a CSV file a verb wrote (names kept byte for byte, as predict writes them)."""
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as fh:
+        return list(csv.DictReader(fh))

@@ -4,7 +4,6 @@ would look fine and be wrong."""
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import os
@@ -28,7 +27,7 @@ from ceprompt.core.errors import CepromptError, CheckpointError
 from ceprompt.model.clip import build_clip, get_arch
 from ceprompt.weights.checkpoint import read_checkpoint
 
-from helpers import train_tiny_runs, write_folder_dataset, write_three_file_dataset
+from helpers import rows_of, train_tiny_runs, write_folder_dataset, write_three_file_dataset
 
 EPS = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\n"
        b"newpath 0 0 moveto 64 64 lineto stroke showpage\n%%EOF\n")
@@ -38,10 +37,6 @@ EPS = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\n"
 def runs(tmp_path_factory) -> dict[str, Path]:
     return train_tiny_runs(tmp_path_factory.mktemp("hostile"))
 
-
-def rows_of(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
 
 
 # --- 1. no program started by a file's content ---------------------------------------------------------

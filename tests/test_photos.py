@@ -3,7 +3,6 @@ images, odd file names, FIFOs, index paths that leave the dataset, videos (issue
 
 from __future__ import annotations
 
-import csv
 import io
 import os
 import struct
@@ -20,7 +19,7 @@ import ceprompt
 from ceprompt.cli import main
 from ceprompt.data.images import ImageError, open_image, probe_image
 
-from helpers import train_tiny_runs, write_three_file_dataset
+from helpers import rows_of, train_tiny_runs, write_three_file_dataset
 
 skimage_data = pytest.importorskip("skimage.data")
 
@@ -38,10 +37,6 @@ def declared_png(width: int, height: int) -> bytes:
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
             + chunk(b"IEND", b""))
 
-
-def rows_of(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as fh:
-        return list(csv.DictReader(fh))
 
 
 def with_orientation(image: Image.Image, orientation: int) -> bytes:

@@ -4,7 +4,6 @@ degenerate images refused, decoder and tracker failures contained."""
 
 from __future__ import annotations
 
-import csv
 import os
 import signal
 import subprocess
@@ -21,17 +20,13 @@ import ceprompt
 from ceprompt.cli import main
 from ceprompt.core.errors import CepromptError
 
-from helpers import train_tiny_runs, write_three_file_dataset
+from helpers import rows_of, train_tiny_runs, write_three_file_dataset
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
     return train_tiny_runs(tmp_path_factory.mktemp("round3"))
 
-
-def rows_of(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
 
 
 def gradient(size: int, seed: int) -> Image.Image:

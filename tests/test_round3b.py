@@ -4,7 +4,6 @@ written as a result, outputs claimed by one run, a full disk one line."""
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import shutil
@@ -21,17 +20,13 @@ import ceprompt
 from ceprompt.cli import main
 from ceprompt.core.errors import CepromptError, CheckpointError, DataError
 
-from helpers import class_image, train_tiny_runs, write_folder_dataset
+from helpers import class_image, rows_of, train_tiny_runs, write_folder_dataset
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
     return train_tiny_runs(tmp_path_factory.mktemp("round3b"))
 
-
-def rows_of(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
 
 
 def face(tmp_path: Path) -> Path:

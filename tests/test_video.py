@@ -4,8 +4,6 @@ photo (scikit-image's astronaut), placed, moved and hidden."""
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 from collections import defaultdict
@@ -22,7 +20,7 @@ import ceprompt
 from ceprompt.cli import main
 from ceprompt.video.tracking import FaceTracks
 
-from helpers import train_tiny_runs
+from helpers import rows_of, train_tiny_runs
 
 av = pytest.importorskip("av")
 pytest.importorskip("facenet_pytorch")
@@ -59,9 +57,6 @@ def three_faces(tmp_path_factory) -> Path:
                    occluders=lambda i: [(150, 0, 300, 170)] if 15 <= i < 25 else [])
     return write_video(tmp_path_factory.mktemp("clips") / "three.mp4", frames, rate=10)
 
-
-def rows_of(path: Path) -> list[dict[str, str]]:
-    return list(csv.DictReader(io.StringIO(path.read_text())))
 
 
 def test_tracks_keep_their_ids_across_an_occlusion_and_faces_passing_each_other(model, two_faces, tmp_path) -> None:

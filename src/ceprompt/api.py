@@ -200,14 +200,8 @@ class Recognizer:
         except CepromptError:
             if len(images) == 1 and on_error == "raise":
                 raise
-            found = []
-            for image in images:  # one image failed the detector: find which, and keep the others
-                try:
-                    found.append(detector.detect(image))
-                except CepromptError as exc:
-                    if on_error == "raise":
-                        raise
-                    found.append(exc)
+            # one image failed the detector: find which, and keep the others
+            found = _each(images, detector.detect, on_error)
         size = self.preprocess.image_size
         return [faces if isinstance(faces, CepromptError) else
                 [(f, align_face(image, f.box, f.landmarks, size, self.expand)) for f in faces]
@@ -271,14 +265,7 @@ class Recognizer:
         """Per image: its faces' results (or its error) and their image embeddings (unit length)."""
         if on_error not in ("raise", "return"):
             raise ConfigError(f"on_error={on_error!r}; expected 'raise' or 'return'")
-        loaded: list[Any] = []
-        for img in images:
-            try:
-                loaded.append(self.load_image(img))
-            except CepromptError as exc:
-                if on_error == "raise":
-                    raise
-                loaded.append(exc)
+        loaded = _each(images, self.load_image, on_error)
         readable = [image for image in loaded if not isinstance(image, CepromptError)]
         faces = iter(self.find_faces_many(readable, detect, on_error))
         found = [image if isinstance(image, CepromptError) else next(faces) for image in loaded]
@@ -392,6 +379,19 @@ class Recognizer:
         if isinstance(image, (str, os.PathLike)):
             return open_image(image)
         return to_pil(image)
+
+
+def _each(items: Iterable[Any], fn: Any, on_error: str) -> list[Any]:
+    """``fn`` of each item; with ``on_error="return"`` an item's :class:`CepromptError` in its place."""
+    out: list[Any] = []
+    for item in items:
+        try:
+            out.append(fn(item))
+        except CepromptError as exc:
+            if on_error == "raise":
+                raise
+            out.append(exc)
+    return out
 
 
 def _is_one_image(value: Any) -> bool:

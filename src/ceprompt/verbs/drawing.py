@@ -25,13 +25,19 @@ def _font(size: int) -> ImageFont.ImageFont:
 
 def annotate(image: Image.Image, faces: Sequence["FaceResult"], class_names: Sequence[str]) -> Image.Image:
     """A copy of ``image`` with a box and "label 0.87" over every face, coloured by class."""
+    return _boxed(image, [(f.box, f.label, f"{f.label} {f.score:.2f}") for f in faces], class_names)
+
+
+def _boxed(image: Image.Image, boxes: Sequence[tuple[Sequence[float], str, str]], class_names: Sequence[str]
+           ) -> Image.Image:
+    """A copy of ``image`` with each (box, label, text): line width and font scaled to the image, coloured by
+    the label's class."""
     out = image.convert("RGB").copy()
     d = ImageDraw.Draw(out)
     width = max(2, round(min(out.size) / 200))
     font = _font(max(12, round(min(out.size) / 30)))
-    for face in faces:
-        color = PALETTE[class_names.index(face.label) % len(PALETTE)]
-        _label_box(d, face.box, f"{face.label} {face.score:.2f}", color, width, font)
+    for box, label, text in boxes:
+        _label_box(d, box, text, PALETTE[class_names.index(label) % len(PALETTE)], width, font)
     return out
 
 
@@ -70,19 +76,10 @@ def explanation_image(expl: "Explanation", scale: int = 4) -> Image.Image:
     return canvas
 
 
-
-
 def annotate_tracked(image: Image.Image, faces: Sequence["TrackedFace"], class_names: Sequence[str]) -> Image.Image:
     """A copy of a video frame with a box and "#track label 0.87" (the smoothed result) over every face."""
-    out = image.convert("RGB").copy()
-    d = ImageDraw.Draw(out)
-    width = max(2, round(min(out.size) / 200))
-    font = _font(max(12, round(min(out.size) / 30)))
-    for face in faces:
-        label = face.smoothed_label
-        _label_box(d, face.face.box, f"#{face.track} {label} {face.smoothed_score:.2f}",
-                   PALETTE[class_names.index(label) % len(PALETTE)], width, font)
-    return out
+    return _boxed(image, [(f.face.box, f.smoothed_label, f"#{f.track} {f.smoothed_label} {f.smoothed_score:.2f}")
+                          for f in faces], class_names)
 
 
 def save_png(image: Image.Image, path: Path) -> Path:
