@@ -274,6 +274,7 @@ def run_arch(arch: str, n: int, steps: int, device: str, args: argparse.Namespac
         any other failure is recorded, never the end of the run."""
         if args.one_face and name not in ONE_FACE_CASES:
             return
+        start = time.perf_counter()
         try:
             value = measure()
         except ImportError as exc:
@@ -281,7 +282,9 @@ def run_arch(arch: str, n: int, steps: int, device: str, args: argparse.Namespac
         except Exception as exc:  # noqa: BLE001 - a benchmark reports a failed case and goes on
             value = {"failed": (str(exc).splitlines() or [type(exc).__name__])[0][:200]}
         r[name] = value
-        shown = {k: round(v, 3) if isinstance(v, float) else v for k, v in value.items()} if isinstance(value, dict) else value
+        report.data.setdefault("seconds per case", {})[f"{arch}: {name}"] = round(time.perf_counter() - start, 1)
+        shown = {k: round(v, 3) if isinstance(v, float) else v for k, v in value.items()} if isinstance(value,
+                                                                                                      dict) else value
         text = json.dumps(shown, default=str) if isinstance(value, dict) else f"{value:.3f}"
         print(f"  {name:44s} {text}", flush=True)
         report.write()
