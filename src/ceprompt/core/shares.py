@@ -22,7 +22,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from .io_utils import atomic_write
 from .runtime import Runtime
@@ -149,6 +149,15 @@ def file_costs(paths: Sequence[Path]) -> list[float]:
         except OSError:
             out.append(0.0)
     return out
+
+
+def start_shares(output: Path, key: Callable[[], str], suffix: str, shares: Sequence[Share], rt: Runtime
+                 ) -> tuple[ShareStore, list[list[Share]], list[Share]]:
+    """A sharded job begun: its store (the job's fingerprint computed by rank 0, which every process then uses),
+    every process's shares, and this process's shares still to do."""
+    store = ShareStore(output, rt.gather(key() if rt.is_main else "")[0], suffix).open(rt)
+    dealt = deal(shares, rt.world)
+    return store, dealt, my_shares(dealt, rt, store)
 
 
 def my_shares(dealt: Sequence[Sequence[Share]], rt: Runtime, store: "ShareStore") -> list[Share]:

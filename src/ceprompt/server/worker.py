@@ -196,7 +196,5 @@ class Arrival:
 def _settle(future: Future, make: Callable[[], Any]) -> None:
     try:
         future.set_result(make())
-    except (CepromptError, MemoryError) as exc:
-        future.set_exception(exc)
-    except Exception as exc:  # noqa: BLE001 - the worker must outlive any one request
+    except Exception as exc:  # noqa: BLE001 - the worker must outlive any one request (MemoryError included)
         future.set_exception(exc)

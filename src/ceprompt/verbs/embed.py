@@ -14,7 +14,6 @@ processes divide them.
 
 from __future__ import annotations
 
-import io
 import logging
 import sys
 from pathlib import Path
@@ -25,9 +24,9 @@ from tqdm import tqdm
 
 from ..api import Recognizer
 from ..core.errors import CepromptError
-from ..core.outputs import OutputFile
+from ..core.outputs import OutputFile, save_figure
 from ..core.runtime import Runtime
-from ..core.shares import ShareStore, deal, file_costs, job_key, my_shares, plan_shares
+from ..core.shares import file_costs, job_key, plan_shares, start_shares
 from ..data.class_names import canonical
 
 log = logging.getLogger(__name__)
@@ -59,11 +58,10 @@ def run_embed(rec: Recognizer, files: list[Path], output: OutputFile, detect: st
     """Embed every face of ``files`` into ``output``; (the features on rank 0, None elsewhere; files that failed)."""
     rt = rt or Runtime(rec.device, rec.precision)
     shares = plan_shares(file_costs(files), [False] * len(files), batch_size)
-    key = rt.gather(job_key(files=[str(f) for f in files], model=str(rec.checkpoint), detect=detect,
-                            batch=batch_size, precision=rec.precision, classes=rec.class_names) if rt.is_main else "")[0]
-    store = ShareStore(output.path, key, ".npz").open(rt)
-    dealt = deal(shares, rt.world)
-    todo = my_shares(dealt, rt, store)
+    store, dealt, todo = start_shares(
+        output.path, lambda: job_key(files=[str(f) for f in files], model=str(rec.checkpoint), detect=detect,
+                                     batch=batch_size, precision=rec.precision, classes=rec.class_names),
+        ".npz", shares, rt)
     failed = 0
     for share in tqdm(todo, disable=not (progress and rt.is_main), unit="share", desc="embed", dynamic_ncols=True,
                       file=sys.stderr):
@@ -142,8 +140,4 @@ def plot_tsne(features: dict[str, np.ndarray], class_names: Sequence[str], path:
     ax.set_title(f"t-SNE of {len(x)} face embeddings, coloured by {'folder (true class)' if by_folder else 'prediction'}")
     ax.legend(fontsize=8, markerscale=2)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, dpi=110, format="png")
-    plt.close(fig)
-    path.write_bytes(buf.getvalue())
-    return path
+    return save_figure(fig, path, 110)

@@ -23,7 +23,7 @@ from ..core.errors import CepromptError, ConfigError
 from ..core.paths import file_stem
 from ..core.ranges import POSITIVE_INT, check
 from ..core.runtime import Runtime
-from ..core.shares import Share, ShareStore, deal, file_costs, job_key, my_shares, plan_shares
+from ..core.shares import Share, file_costs, job_key, plan_shares, start_shares
 from ..data.images import IMAGE_SUFFIXES, VIDEO_SUFFIXES
 from .drawing import annotate, explanation_image
 from .predict_plan import PredictPlan, VideoOptions, expand_inputs, plan_predict
@@ -104,11 +104,7 @@ class _Job:
 
     def to_file(self, rt: Runtime) -> int:
         assert self.plan.output is not None
-        store = ShareStore(self.plan.output.path, self.key() if rt.is_main else "", ".jsonl")
-        store.key = rt.gather(store.key)[0]  # rank 0's fingerprint: every process reads the same inputs
-        store.open(rt)
-        dealt = deal(self.shares, rt.world)
-        todo = my_shares(dealt, rt, store)
+        store, dealt, todo = start_shares(self.plan.output.path, self.key, ".jsonl", self.shares, rt)
         with self._bar(len(todo)) as bar:
             for share in todo:
                 with store.writing(share) as tmp, open(tmp, "w", encoding="utf-8", errors="surrogateescape") as fh:

@@ -196,9 +196,9 @@ class FaceTracks:
             ids[row] = again[row] if row in again else self._id_of(tracklet)
         for row, track in enumerate(ids):
             vector = None if embeddings is None else np.asarray(embeddings[row], dtype=np.float64)
-            before, velocity = self._seen.get(track), None
-            if before is not None and time > before.time:
-                velocity = (_centre(boxes[row]) - _centre(before.box)) / (time - before.time)
+            last, velocity = self._seen.get(track), None
+            if last is not None and time > last.time:
+                velocity = (_centre(boxes[row]) - _centre(last.box)) / (time - last.time)
             self._seen[track] = _Sighting(time, boxes[row].copy(), vector, velocity)
         kept = {id(t) for t in alive}
         self._ids = {key: value for key, value in self._ids.items() if key in kept}
