@@ -160,6 +160,8 @@ def test_a_recognizer_follows_the_load_in_the_thread_that_computes(monkeypatch) 
         torch.set_num_threads(before)
     with pytest.raises(Exception, match="threads=0"):
         recognizer("eva", threads=0)
+    with pytest.raises(Exception, match=r"expected an integer in \[1, 1024\]"):  # not torch's overflow traceback
+        recognizer("eva", threads=10**30)
 
 
 def test_threads_option_is_recorded_in_the_run(tmp_path: Path, capsys) -> None:

@@ -26,7 +26,7 @@ from PIL import Image
 
 from .core.errors import CepromptError, ConfigError
 from .core.extras import DETECTORS
-from .core.ranges import POSITIVE_INT, check
+from .core.ranges import POSITIVE_INT, THREADS, check
 from .core.runtime import DTYPES, autocast, resolve_device, resolve_precision
 from .core.schema import read_json
 from .data.class_names import ClassMatch, match_classes, parse_aliases
@@ -111,7 +111,7 @@ class Recognizer:
         re-checked before each batch at most every 2 s, since one face at a time on a busy machine runs several
         times slower on a thread that shares its core; ``OMP_NUM_THREADS`` fixes it too)."""
         self.device = resolve_device(device)
-        threads = None if threads is None else check("threads", threads, POSITIVE_INT)
+        threads = None if threads is None else check("threads", threads, THREADS)
         self._threads = ThreadGovernor(threads, every=RECHECK_SECONDS) if self.device.type == "cpu" else None
         self.precision = resolve_precision(precision, self.device)
         self.model = loaded.model.to(self.device).eval()

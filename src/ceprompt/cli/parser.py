@@ -6,7 +6,7 @@ import argparse
 
 from .. import __version__
 from ..core.extras import DETECTORS
-from ..core.ranges import POSITIVE_INT, Range, arg
+from ..core.ranges import POSITIVE_INT, THREADS, Range, arg
 from . import commands
 
 DEFAULT_MIN_FACE = "20px,2%"  # ceprompt.data.faces.DEFAULT_MIN_FACE, written as on the command line
@@ -26,7 +26,7 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_threads(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=arg(Range(1, 1024, integer=True)), metavar="N",
+    p.add_argument("--threads", type=arg(THREADS), metavar="N",
                    help="CPU threads (default: the cores this process may use that other work leaves free)")
 
 

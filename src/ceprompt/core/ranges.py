@@ -54,6 +54,7 @@ POSITIVE_INT = Range(1, integer=True)
 COUNT = Range(0, integer=True)  # 0, 1, 2, ...
 UNIT = Range(0, 1)  # a weight or probability
 FINITE = Range()
+THREADS = Range(1, 1024, integer=True)  # CPU threads a user may ask for (--threads, threads=)
 
 
 def check(name: str, value: Any, allowed: Range) -> Any:
