@@ -42,12 +42,9 @@ class VideoError(CepromptError):
 
 @dataclass(frozen=True)
 class VideoInfo:
-    width: int  # upright, as players show it
-    height: int
+    """What the container declares, against which decoding is checked (time without timestamps, completeness)."""
+
     rate: Fraction  # average frame rate (a guess for variable-rate streams)
-    time_base: Fraction | None  # of the stream's timestamps
-    rotation: int  # degrees counter-clockwise that the display matrix turns the stored frames
-    codec: str
     frames: int  # the container's frame count, 0 when unknown
     duration: float | None  # seconds, when the container says
 
@@ -135,8 +132,7 @@ class VideoReader:
         duration = float(stream.duration * stream.time_base) if stream.duration and stream.time_base else None
         if duration is None and self.container.duration:  # Matroska declares the whole file's
             duration = self.container.duration / 1_000_000
-        return VideoInfo(width, height, Fraction(rate), Fraction(stream.time_base) if stream.time_base else None,
-                         0, ctx.name or "?", int(stream.frames or 0), duration)
+        return VideoInfo(Fraction(rate), int(stream.frames or 0), duration)
 
     # -- the decoding thread ----------------------------------------------------------------------------------
 
