@@ -467,6 +467,12 @@ def test_the_live_websocket_checks_host_and_origin(server: str) -> None:
 
         ws.send(struct.pack("<d", 0.0) + b"not an image at all")
         assert "cannot decode" in json_module.loads(ws.recv(timeout=30))["error"]
+        # a capture time that is not a number is not echoed as NaN, which no JSON parser of the page accepts
+        frame = io.BytesIO()
+        Image.new("RGB", (64, 48), (120, 110, 100)).save(frame, format="PNG")
+        ws.send(struct.pack("<d", float("nan")) + frame.getvalue())
+        answer = json_module.loads(ws.recv(timeout=60), parse_constant=lambda c: pytest.fail(f"{c} in the answer"))
+        assert answer["t"] is None and answer["faces"] == []
 
 
 def test_running_short_of_memory_is_a_503_not_a_bad_image(runs, images, monkeypatch) -> None:

@@ -145,7 +145,8 @@ class LiveSession:
         faces = [{"track": f.track, "box": [round(v * scale, 1) for v in f.face.box], "label": f.smoothed_label,
                   "score": round(f.smoothed_score, 4), "probabilities": {k: round(v, 4) for k, v in f.smoothed.items()}}
                  for f in answer.faces]
-        await self._send({"t": stamp_ms, "width": width, "height": height, "faces": faces, "left_out": answer.left_out,
+        stamp = stamp_ms if math.isfinite(stamp_ms) else None  # NaN is not JSON: the page could not parse it
+        await self._send({"t": stamp, "width": width, "height": height, "faces": faces, "left_out": answer.left_out,
                           "classes": answer.recognizer.class_names})
 
     async def _send(self, body: dict[str, Any]) -> None:
