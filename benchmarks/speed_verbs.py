@@ -40,6 +40,14 @@ def astronaut() -> Image.Image:
         return Image.new("RGB", (512, 512), (120, 100, 90))
 
 
+def face_crop_png(arch: str) -> bytes:
+    """The astronaut's photo at the model's input size, as a PNG upload (one face crop per request)."""
+    size = get_arch(arch).image_size
+    buf = io.BytesIO()
+    astronaut().resize((size, size)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def predict_crops(model: torch.nn.Module, arch: str, n: int, device: str, rounds: int) -> dict[str, float]:
     """``predict_batch`` on ``n`` face crops (``detect="none"``), decoded images in, probabilities out, and one
     crop at a time (``batch_size=1``, three calls: a phone photo, an API request, a camera frame); fp32 and bf16,
@@ -65,9 +73,7 @@ def serve_requests(model: torch.nn.Module, arch: str, device: str, rounds: int) 
 
     from ceprompt.server.app import create_app
 
-    size = get_arch(arch).image_size
-    buf = io.BytesIO()
-    astronaut().resize((size, size)).save(buf, format="PNG")
+    upload = face_crop_png(arch)
     cases = {}
     for precision in PRECISIONS:
         client = TestClient(create_app(recognizer(model, arch, device, precision)))
@@ -75,7 +81,7 @@ def serve_requests(model: torch.nn.Module, arch: str, device: str, rounds: int) 
         def requests(client: TestClient = client) -> None:
             for _ in range(3):
                 response = client.post("/api/predict?detect=none",
-                                       files={"file": ("face.png", buf.getvalue(), "image/png")})
+                                       files={"file": ("face.png", upload, "image/png")})
                 assert response.status_code == 200, response.text
         cases[precision] = (requests, 3)
     return interleaved(cases, rounds + 1, device)
@@ -206,9 +212,7 @@ def serve_concurrent(model: torch.nn.Module, arch: str, device: str, clients: tu
     rec = recognizer(model, arch, device, "auto")
     batches: list[int] = []
     rec.model.register_forward_pre_hook(lambda module, args: batches.append(int(args[0].shape[0])))
-    size = get_arch(arch).image_size
-    buf = io.BytesIO()
-    astronaut().resize((size, size)).save(buf, format="PNG")
+    upload = face_crop_png(arch)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -223,7 +227,7 @@ def serve_concurrent(model: torch.nn.Module, arch: str, device: str, clients: tu
         def client(failures: list[str]) -> None:
             with httpx.Client(timeout=600) as http:
                 for _ in range(per_client):
-                    response = http.post(url, files={"file": ("face.png", buf.getvalue(), "image/png")})
+                    response = http.post(url, files={"file": ("face.png", upload, "image/png")})
                     if response.status_code != 200:
                         failures.append(response.text[:200])
 
