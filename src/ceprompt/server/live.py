@@ -4,7 +4,7 @@ Protocol (``/api/live``, optionally ``?classes=a,b,c``): the page sends each fra
 little-endian float (the frame's capture time in milliseconds) followed by a JPEG or PNG of the frame, downscaled
 by the page; the server answers each frame it classified with one JSON text message ``{"t", "width", "height",
 "faces": [{"track", "box", "label", "score", "probabilities"}]}`` (label, score and probabilities smoothed along
-the track). WebSocket because frames flow both ways for as long as the camera runs, over one connection that the
+the track; ``t`` echoes the capture time, null when it was not a number). WebSocket because frames flow both ways for as long as the camera runs, over one connection that the
 server's limits already govern.
 
 * At most one frame per session is with the model; a frame that arrives while another waits replaces it (the
