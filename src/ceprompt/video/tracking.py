@@ -8,9 +8,13 @@ gone for longer gets a new id when it returns.
 
 Motion alone loses a face that was partly hidden before it disappeared (its shrinking box throws the prediction off,
 and nothing overlaps when the face comes back). So when ByteTrack starts a new track, ceprompt first looks among the
-faces lost within ``memory`` seconds for one that could have moved there: continuing at its last speed (from its last
-two sightings) it would be within 0.75 face sizes plus 0.75 per second of absence (with no speed known, within one
-face size plus 1.5 per second of absence). When the model's own face embedding is given, the most similar such face
+faces lost within ``memory`` seconds for one that could have moved there. Continuing at its last velocity (from its
+last two sightings) the lost face would be at a predicted point; the new face must lie within an ellipse around it:
+across the direction of motion 0.75 face sizes plus 0.25 per second of absence, along it that plus half the distance
+the face was travelling (its speed may have changed more than its direction). A face standing still gets a circle of
+the smaller size; a face seen once, a circle of one face size plus 0.75 per second of absence around where it was.
+The ellipse matters when someone new appears near a hidden face's path: a circle large enough for the hidden face's
+change of speed would take them in. When the model's own face embedding is given, the most similar such face
 is taken; one assignment decides for all new tracks of a frame. The face keeps its id. Faces that look alike
 (twins, the test videos' one photo) are then told apart by where they were going.
 
@@ -138,15 +142,9 @@ class FaceTracks:
         cost = np.full((len(new), len(lost)), np.inf)
         for i, (row, _) in enumerate(new):
             for j, (_, seen) in enumerate(lost):
-                size = max(seen.box[2] - seen.box[0], seen.box[3] - seen.box[1], 1.0)
-                gap = time - seen.time
-                if seen.velocity is None:
-                    reach, expected = size * (1.0 + 1.5 * gap), _centre(seen.box)
-                else:
-                    reach, expected = size * (0.75 + 0.75 * gap), _centre(seen.box) + seen.velocity * gap
-                moved = float(np.hypot(*(_centre(boxes[row]) - expected)))
-                if moved <= reach:
-                    cost[i, j] = moved / reach
+                share = _share_of_reach(seen, time, boxes[row])
+                if share <= 1.0:
+                    cost[i, j] = share
                     if embeddings is not None and seen.embedding is not None:
                         cost[i, j] += 1.0 - float(np.asarray(embeddings[row], dtype=np.float64) @ seen.embedding)
         rows, cols = linear_sum_assignment(np.where(np.isfinite(cost), cost, 1e9))
@@ -224,6 +222,24 @@ class _Sighting:
     box: np.ndarray
     embedding: np.ndarray | None
     velocity: np.ndarray | None  # of the box's centre, pixels per second, from the last two sightings
+
+
+def _share_of_reach(seen: _Sighting, time: float, box: np.ndarray) -> float:
+    """How far ``box`` lies from where the face lost at ``seen`` would be at ``time``, as a share of how far it
+    may have gone (1: the edge of the gate; see the module)."""
+    size = max(seen.box[2] - seen.box[0], seen.box[3] - seen.box[1], 1.0)
+    gap = time - seen.time
+    if seen.velocity is None:
+        return float(np.hypot(*(_centre(box) - _centre(seen.box)))) / (size * (1.0 + 0.75 * gap))
+    offset = _centre(box) - (_centre(seen.box) + seen.velocity * gap)
+    speed = float(np.hypot(*seen.velocity))
+    across_reach = size * (0.75 + 0.25 * gap)
+    if speed < 1e-9:
+        return float(np.hypot(*offset)) / across_reach
+    along = seen.velocity / speed
+    ahead = float(offset @ along)
+    across = float(offset[0] * along[1] - offset[1] * along[0])
+    return math.hypot(ahead / (across_reach + 0.5 * speed * gap), across / across_reach)
 
 
 def _centre(box: np.ndarray) -> np.ndarray:
