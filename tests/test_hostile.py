@@ -90,12 +90,12 @@ def png(width: int, height: int) -> bytes:
 
 
 def test_uploads_beyond_the_pixel_budget_get_503_at_once(client_for, monkeypatch) -> None:
-    import ceprompt.server.app as server_app
+    import ceprompt.server.limits as limits
 
     client = client_for(pixel_budget=3_000_000)
     release = threading.Event()
-    real = server_app.scaled_for_queue
-    monkeypatch.setattr(server_app, "scaled_for_queue", lambda image: (release.wait(30), real(image))[1])
+    real = limits.scaled_for_queue
+    monkeypatch.setattr(limits, "scaled_for_queue", lambda image, side: (release.wait(30), real(image, side))[1])
     first: dict = {}
     worker = threading.Thread(target=lambda: first.update(r=client.post(
         "/api/predict?detect=none", files={"file": ("a.png", png(2000, 1000), "image/png")})))

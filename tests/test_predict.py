@@ -231,3 +231,9 @@ def test_predict_detect_centerface_from_the_command_line_and_its_extra_checked_f
                  str(tmp_path / "again.csv")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "ceprompt[centerface]" in err[0] and not (tmp_path / "again.csv").exists()
+    assert "--detect none" in err[0]
+    assert main(["embed", str(checkpoints["s1"]), str(photos), "--detect", "centerface", "-o",
+                 str(tmp_path / "faces.npz")]) == 1  # embed says the same, in the same words
+    said = capsys.readouterr().err.strip().splitlines()
+    assert len(said) == 1 and said[0].split(" needs ")[1] == err[0].split(" needs ")[1]
+    assert not (tmp_path / "faces.npz").exists()

@@ -421,6 +421,39 @@ def test_work_per_request_is_bounded_and_concurrent_requests_share_forward_passe
         assert requests == 16 and passes < 16  # some requests shared a forward pass
 
 
+def test_requests_waiting_together_go_to_the_detector_together(runs) -> None:
+    """The worker hands the frames of one batch to the detector in one call (on a GPU it searches same-size images
+    together), and each answer is the one a request alone gets."""
+    import asyncio
+
+    from skimage import data as skimage_data
+
+    import ceprompt
+    from ceprompt.server.worker import Job, ModelWorker
+
+    rec = ceprompt.load(runs["s2"], device="cpu")
+    photo = Image.fromarray(skimage_data.astronaut())
+    alone = rec.find_faces(photo)
+    calls = []
+    real = rec.find_faces_many
+    rec.find_faces_many = lambda images, *args, **kwargs: (calls.append(len(images)), real(images, *args, **kwargs))[1]
+    worker = ModelWorker(rec, window=5.0)
+
+    async def three() -> list:
+        with worker.arriving() as a, worker.arriving() as b, worker.arriving() as c:
+            futures = [a.run(Job(photo)), b.run(Job(photo.copy())), c.run(Job(photo, detect="none"))]
+        return await asyncio.gather(*futures)
+
+    try:
+        answers = asyncio.run(three())
+    finally:
+        worker.close()
+    assert sorted(calls) == [1, 2] and worker.batches == [3]  # mtcnn's two together, detect=none on its own
+    for answer in answers[:2]:
+        assert [face.box for face in answer.faces] == [pytest.approx(face.box, abs=0.006) for face, _ in alone]
+    assert len(answers[2].faces) == 1 and answers[2].faces[0].box == (0, 0, photo.width, photo.height)
+
+
 def test_one_client_cannot_take_every_connection(runs) -> None:
     """A client (127.0.0.2) holding sockets that trickle headers gets its share; another client is still served."""
     with running_server(runs["s2"], "--max-connections", "16", "--max-connections-per-client", "4") as url:
@@ -480,12 +513,13 @@ def test_running_short_of_memory_is_a_503_not_a_bad_image(runs, images, monkeypa
 
     import ceprompt
     from ceprompt.server import app as app_module
+    from ceprompt.server import limits
 
     rec = ceprompt.load(runs["s2"], device="cpu")
     client = TestClient(app_module.create_app(rec))
 
     def short(*args, **kwargs):
         raise MemoryError
-    monkeypatch.setattr(app_module, "open_image", short)
+    monkeypatch.setattr(limits, "open_image", short)
     answer = client.post("/api/predict", files={"file": ("a.png", images["astronaut.png"], "image/png")})
     assert answer.status_code == 503 and answer.headers["retry-after"] == "5"

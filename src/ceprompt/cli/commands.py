@@ -238,8 +238,7 @@ def run_import_official(args: argparse.Namespace) -> int:
 
 def run_embed(args: argparse.Namespace) -> int:
     from ..core.errors import CepromptError
-    from ..core.extras import DETECTORS, installed
-    from ..core.extras import missing as extras_missing
+    from ..core.extras import DETECTORS, installed, require
     from ..core.outputs import OutputFile, distinct_outputs
     from ..verbs.predict_plan import expand_inputs
 
@@ -248,10 +247,7 @@ def run_embed(args: argparse.Namespace) -> int:
     plot = OutputFile(args.plot, args.overwrite, "--plot") if args.plot else None
     if plot is not None and not installed("sklearn"):
         raise CepromptError("--plot needs scikit-learn: pip install scikit-learn")
-    missing = extras_missing(DETECTORS[args.detect])
-    if missing:
-        raise CepromptError(f"--detect {args.detect} needs pip install 'ceprompt[{','.join(missing)}]' (or --detect "
-                            "none for face crops)")
+    require(list(DETECTORS[args.detect]), f"--detect {args.detect}")
     from ..data.images import IMAGE_SUFFIXES
 
     files = expand_inputs(args.inputs, IMAGE_SUFFIXES)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib.util
 
+from .errors import CepromptError
+
 # extra -> the distributions it installs (pyproject.toml's [project.optional-dependencies])
 EXTRAS = {
     "face": ("facenet-pytorch",),
@@ -38,3 +40,14 @@ def installed_trackers() -> dict[str, bool]:
 def missing(needed: list[tuple[str, str]]) -> list[str]:
     """The extras, sorted, of the ``(module, extra)`` pairs whose module is not installed."""
     return sorted({extra for module, extra in needed if not installed(module)})
+
+
+def require(needed: list[tuple[str, str]], what: str) -> None:
+    """Stop, before any work, when ``what`` (e.g. "--detect mtcnn") needs extras of the ``(module, extra)`` pairs
+    that are not installed: the message names the pip command, and ``--detect none`` when a face detector is
+    missing (images that are already face crops need none)."""
+    absent = missing(needed)
+    if absent:
+        detector_extras = {extra for pairs in DETECTORS.values() for _, extra in pairs}
+        hint = " (or --detect none for images that are already face crops)" if set(absent) & detector_extras else ""
+        raise CepromptError(f"{what} needs pip install 'ceprompt[{','.join(absent)}]'{hint}")

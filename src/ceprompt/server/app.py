@@ -26,7 +26,7 @@ from ..core.errors import CepromptError
 from ..core.extras import DETECTORS
 from ..core.extras import missing as extras_missing
 from ..data.class_names import check_class_list
-from ..data.images import ImageError, image_size, max_pixels, open_image
+from ..data.images import ImageError, max_pixels
 from ..verbs.drawing import explanation_image
 from .guard import Guard
 from .limits import (
@@ -34,18 +34,17 @@ from .limits import (
     DEFAULT_KEEP_ALIVE,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_PIXEL_BUDGET,
+    Busy,
     PixelBudget,
     RepeatFilter,
+    admitted,
     guarded_protocol,
-    release_memory,
-    scaled_for_queue,
 )
 from .live import DEFAULT_IDLE, DEFAULT_MAX_FPS, DEFAULT_MAX_SECONDS, MAX_LIVE_SIDE, LiveSession
 from .worker import DEFAULT_MAX_FACES, DEFAULT_WINDOW, Answer, Job, ModelWorker
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_UPLOAD = 10_000_000
-LARGE_IMAGE = 4_000_000  # pixels: after such an upload, freed memory goes back to the system
 ALLOWED_TYPES = ("image/", "application/octet-stream")
 MAX_CLASSES, MAX_CLASSES_TEXT = 64, 2000  # ?classes= per request: each new list runs the text tower once
 MAX_EXPLAINED = 16  # faces of an answer with an explanation picture (each is tens of kilobytes)
@@ -166,32 +165,19 @@ def create_app(rec: Recognizer, max_upload_bytes: int = DEFAULT_MAX_UPLOAD,  # t
         if len(data) > max_upload_bytes:
             raise HTTPException(413, f"{name}: larger than the limit of {max_upload_bytes} bytes")
         try:
-            width, height = await asyncio.to_thread(image_size, data, name)
+            async with admitted(budget, data, name) as upload:
+                try:
+                    answer = await arrival.run(Job(upload.image, detect, explain, wanted))
+                except CepromptError as exc:
+                    raise HTTPException(422, f"{name}: {exc}") from None
+                faces = await asyncio.to_thread(_face_records, answer, explain, upload.scale)
         except ImageError as exc:
             raise _unreadable(exc, name) from None
-        held = width * height
-        if not budget.take(held):
+        except Busy:
             raise HTTPException(503, "busy with other uploads; try again in a moment",
-                                headers={"Retry-After": "2"})
-        try:
-            try:
-                image, scale = await asyncio.to_thread(lambda: scaled_for_queue(open_image(data, name)))
-            except ImageError as exc:
-                raise _unreadable(exc, name) from None
-            budget.give(held - image.width * image.height)  # what waits for the model is the scaled copy
-            held = image.width * image.height
-            try:
-                answer = await arrival.run(Job(image, detect, explain, wanted))
-            except CepromptError as exc:
-                raise HTTPException(422, f"{name}: {exc}") from None
-            faces = await asyncio.to_thread(_face_records, answer, explain, scale)
-        finally:
-            budget.give(held)
-            image = None
-            if width * height > LARGE_IMAGE:
-                await asyncio.to_thread(release_memory)
+                                headers={"Retry-After": "2"}) from None
         used = answer.recognizer
-        response: dict[str, Any] = {"filename": name, "width": width, "height": height,
+        response: dict[str, Any] = {"filename": name, "width": upload.width, "height": upload.height,
                                     "classes": used.class_names, "faces": faces}
         if answer.left_out:
             response["faces_left_out"] = answer.left_out

@@ -5,7 +5,7 @@ that do not flood.
 * Pixels in flight: every upload's pixel count is read from its header; when the images already decoded or
   being decoded would exceed the budget with it, the request is answered 503 with ``Retry-After`` at once,
   before it is decoded. Sixteen 49-megapixel uploads at once held several gigabytes before.
-* Waiting images are at most :data:`MAX_SIDE` pixels on a side (faces are found and cut on that copy; boxes are
+* Uploads and live frames get in one way, :func:`admitted`. Waiting images are at most :data:`MAX_SIDE` pixels on a side (faces are found and cut on that copy; boxes are
   given in the upload's own pixels).
 * After a large image, freed memory is returned to the system (glibc keeps it otherwise: 3-5 GB stayed held).
 * Connections: at most ``max_connections`` open at once (more are closed at once, so the process never runs out
@@ -21,16 +21,21 @@ that do not flood.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import logging
 import threading
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
 
 from PIL import Image
 
+from ..data.images import image_size, open_image
+
 MAX_SIDE = 4096  # 16.8 megapixels: faces of 2% of the shorter side stay over 60 px
 DEFAULT_PIXEL_BUDGET = 120_000_000  # decoded pixels in flight (about 360 MB as RGB)
+LARGE_IMAGE = 4_000_000  # pixels: after such an image, freed memory goes back to the system
 DEFAULT_MAX_CONNECTIONS = 128
 DEFAULT_HEADER_TIMEOUT = 10.0
 DEFAULT_KEEP_ALIVE = 5.0
@@ -63,6 +68,47 @@ def scaled_for_queue(image: Image.Image, max_side: int = MAX_SIDE) -> tuple[Imag
     scale = max_side / side
     small = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BICUBIC)
     return small, image.width / small.width
+
+
+class Busy(Exception):
+    """The pixel budget cannot take one more image now (the caller answers "try again")."""
+
+
+@dataclass
+class Admitted:
+    """An upload or live frame decoded and scaled for the queue; ``scale`` maps its pixels back to the original's."""
+
+    image: Image.Image | None  # None once the ``admitted`` block has ended
+    scale: float
+    width: int  # of the original
+    height: int
+
+
+@contextlib.asynccontextmanager
+async def admitted(budget: PixelBudget, data: bytes, name: str, max_side: int = MAX_SIDE
+                   ) -> AsyncIterator[Admitted]:
+    """The one way an upload or a live frame gets in: its pixel count read from the header (``ImageError``),
+    charged to ``budget`` before it is decoded (:class:`Busy`), decoded through the one image opener, scaled to
+    ``max_side``, and the budget then holding only the scaled copy. When the block ends the image is let go and
+    the budget given back; after a large image, freed memory goes back to the system."""
+    width, height = await asyncio.to_thread(image_size, data, name)
+    held = width * height
+    if not budget.take(held):
+        raise Busy
+    entry = None
+    try:
+        image, scale = await asyncio.to_thread(lambda: scaled_for_queue(open_image(data, name), max_side))
+        budget.give(held - image.width * image.height)  # what waits for the model is the scaled copy
+        held = image.width * image.height
+        entry = Admitted(image, scale, width, height)
+        image = None
+        yield entry
+    finally:
+        budget.give(held)
+        if entry is not None:
+            entry.image = None
+        if width * height > LARGE_IMAGE:
+            await asyncio.to_thread(release_memory)
 
 
 def release_memory() -> None:

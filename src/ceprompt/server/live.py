@@ -25,9 +25,9 @@ import time
 from typing import Any
 
 from ..core.errors import CepromptError
-from ..data.images import ImageError, image_size, open_image
+from ..data.images import ImageError
 from ..video.tracking import FaceTracks
-from .limits import PixelBudget, scaled_for_queue
+from .limits import Busy, PixelBudget, admitted
 from .worker import Job, ModelWorker
 
 log = logging.getLogger("ceprompt.server")
@@ -106,47 +106,34 @@ class LiveSession:
             await self._classify(arrival, stamp_ms, data)
 
     async def _classify(self, arrival: Any, stamp_ms: float, data: bytes) -> None:
-        from fastapi import WebSocketDisconnect
-
         self.frames += 1
         name = f"frame {self.frames}"
         try:
-            width, height = await asyncio.to_thread(image_size, data, name)
-        except ImageError as exc:
-            await self._send({"error": str(exc)})
-            return
-        if not self.budget.take(width * height):
+            async with admitted(self.budget, data, name, MAX_LIVE_SIDE) as frame:
+                if self.tracks is None:
+                    names = await self.worker.call(lambda: self.worker.recognizer_for(self.classes).class_names)
+                    self.tracks = FaceTracks(names)
+                # the page's capture clock, in seconds; a time that goes back or is not a number keeps the last one
+                if math.isfinite(stamp_ms) and stamp_ms / 1000.0 >= self.last_time:
+                    self.last_time = stamp_ms / 1000.0
+                elif not math.isfinite(self.last_time):
+                    self.last_time = 0.0
+                answer = await arrival.run(Job(frame.image, classes=self.classes, tracks=self.tracks,
+                                               time=self.last_time))
+        except Busy:
             await self._send({"error": "busy with other requests; this frame was skipped"})
             return
-        held = width * height
-        try:
-            image, scale = await asyncio.to_thread(lambda: scaled_for_queue(open_image(data, name), MAX_LIVE_SIDE))
-            self.budget.give(held - image.width * image.height)
-            held = image.width * image.height
-            if self.tracks is None:
-                names = await self.worker.call(lambda: self.worker.recognizer_for(self.classes).class_names)
-                self.tracks = FaceTracks(names)
-            # the page's capture clock, in seconds; a time that goes back or is not a number keeps the last one
-            if math.isfinite(stamp_ms) and stamp_ms / 1000.0 >= self.last_time:
-                self.last_time = stamp_ms / 1000.0
-            elif not math.isfinite(self.last_time):
-                self.last_time = 0.0
-            answer = await arrival.run(Job(image, classes=self.classes, tracks=self.tracks, time=self.last_time))
         except (ImageError, CepromptError) as exc:
             await self._send({"error": str(exc)})
             return
         except MemoryError:
             await self._send({"error": "the server is short of memory; this frame was skipped"})
             return
-        except WebSocketDisconnect:
-            raise
-        finally:
-            self.budget.give(held)
-        faces = [{"track": f.track, "box": [round(v * scale, 1) for v in f.face.box], "label": f.smoothed_label,
+        faces = [{"track": f.track, "box": [round(v * frame.scale, 1) for v in f.face.box], "label": f.smoothed_label,
                   "score": round(f.smoothed_score, 4), "probabilities": {k: round(v, 4) for k, v in f.smoothed.items()}}
                  for f in answer.faces]
         stamp = stamp_ms if math.isfinite(stamp_ms) else None  # NaN is not JSON: the page could not parse it
-        await self._send({"t": stamp, "width": width, "height": height, "faces": faces, "left_out": answer.left_out,
+        await self._send({"t": stamp, "width": frame.width, "height": frame.height, "faces": faces, "left_out": answer.left_out,
                           "classes": answer.recognizer.class_names})
 
     async def _send(self, body: dict[str, Any]) -> None:

@@ -1,5 +1,6 @@
-"""The model's one thread, shared by every request and every live camera: requests that wait together are detected
-one by one and classified together, in one forward pass per class list.
+"""The model's one thread, shared by every request and every live camera: requests that wait together are given to
+the face detector together (on a GPU it searches same-size images, such as live frames, in one pass) and classified
+together, in one forward pass per class list.
 
 * **One thread**: torch's thread pool belongs to the thread that calls it; a model hopping between threads left
   pools spinning beside each other.
@@ -144,13 +145,24 @@ class ModelWorker:
     def _process(self, batch: list[Job]) -> None:
         self.batches = (self.batches + [len(batch)])[-1000:]
         found: dict[int, Any] = {}
+        detecting: dict[tuple[int, str], tuple[Recognizer, list[Job]]] = {}
         for job in batch:
             try:
                 rec = self.recognizer_for(job.classes)
-                faces = rec.find_faces(job.image, job.detect)
-                found[id(job)] = (rec, faces[: self.max_faces], max(0, len(faces) - self.max_faces))
             except (CepromptError, MemoryError) as exc:
                 job.future.set_exception(exc)
+                continue
+            detecting.setdefault((id(rec), job.detect), (rec, []))[1].append(job)
+        for (_, detect), (rec, jobs) in detecting.items():  # the detector runs over same-size images together
+            try:
+                each = rec.find_faces_many([job.image for job in jobs], detect, on_error="return")
+            except (CepromptError, MemoryError) as exc:
+                each = [exc] * len(jobs)
+            for job, faces in zip(jobs, each):
+                if isinstance(faces, BaseException):
+                    job.future.set_exception(faces)
+                else:
+                    found[id(job)] = (rec, faces[: self.max_faces], max(0, len(faces) - self.max_faces))
         live = [job for job in batch if id(job) in found and not job.explain]
         groups: dict[int, list[Job]] = {}
         for job in live:

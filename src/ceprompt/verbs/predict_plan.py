@@ -7,9 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from ..core.errors import CepromptError, ConfigError
-from ..core.extras import DETECTORS
-from ..core.extras import missing as extras_missing
+from ..core.errors import ConfigError
+from ..core.extras import DETECTORS, require
 from ..core.outputs import OutputFile, PictureFolder, distinct_outputs
 from ..core.ranges import check
 from ..data.images import IMAGE_SUFFIXES, VIDEO_SUFFIXES
@@ -101,7 +100,4 @@ def check_extras(plan: PredictPlan, detect: str) -> None:
     needed = list(VIDEO) if suffixes & VIDEO_SUFFIXES else []
     if suffixes & (IMAGE_SUFFIXES | VIDEO_SUFFIXES):
         needed += DETECTORS[detect]
-    missing = extras_missing(needed)
-    if missing:
-        hint = " (or --detect none for images that are already face crops)" if set(missing) - {"video"} else ""
-        raise CepromptError(f"these inputs need pip install 'ceprompt[{','.join(missing)}]'{hint}")
+    require(needed, "predicting these inputs")
