@@ -5,6 +5,7 @@ what a job changes in the process is restored; resume state read once and each p
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -28,18 +29,12 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     return train_tiny_runs(tmp_path_factory.mktemp("dist"), threads=1)
 
 
-def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
-           "ceprompt", *args]
+def torchrun(*args: str, nproc: int = 2, script: str | None = None) -> subprocess.CompletedProcess:
+    target = [script] if script else ["-m", "ceprompt"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *target, *args]
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
-
-
-def single(*args: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", "ceprompt", *args], env=ENV, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")
@@ -54,39 +49,53 @@ def inputs(tmp_path_factory) -> Path:
     return folder
 
 
-def test_predict_under_torchrun_equals_one_process_and_divides_the_work(runs, inputs, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def verbs(runs, inputs, tmp_path_factory) -> dict:
+    """predict, embed and eval in one torchrun job of 2 processes (one after another in the same processes, as a
+    user's script may call them), and each in this process alone, with the one thread each of those has."""
     pytest.importorskip("av")
-    common = [str(runs["s2"]), str(inputs), "--detect", "none", "--batch-size", "3", "--video-stride", "1",
-              "--no-progress", "--device", "cpu", "--precision", "fp32"]
-    proc = torchrun("predict", *common, "-o", str(tmp_path / "two.csv"), "--summary", str(tmp_path / "two.json"))
-    single("predict", *common, "-o", str(tmp_path / "one.csv"), "--summary", str(tmp_path / "one.json"))
-    assert (tmp_path / "two.csv").read_bytes() == (tmp_path / "one.csv").read_bytes()
-    assert (tmp_path / "two.json").read_text() == (tmp_path / "one.json").read_text()
-    with open(tmp_path / "one.csv", newline="") as fh:
+    out = tmp_path_factory.mktemp("verbs")
+    common = ["--no-progress", "--device", "cpu", "--precision", "fp32"]
+    predict = [str(runs["s2"]), str(inputs), "--detect", "none", "--batch-size", "3", "--video-stride", "1", *common]
+    embed = [str(runs["s1"]), str(inputs), "--detect", "none", "--batch-size", "4", *common]
+    evaluate = ["--checkpoint", str(runs["s2"]), "--data", str(runs["data"]), "--batch-size", "3", "--workers", "0",
+                *common]
+    jobs = {name: {"two": [verb, *args, *outputs(out / "two")], "one": [verb, *args, *outputs(out / "one")]}
+            for name, verb, args, outputs in (
+                ("predict", "predict", predict, lambda d: ["-o", str(d / "rows.csv"), "--summary", str(d / "s.json")]),
+                ("embed", "embed", embed, lambda d: ["-o", str(d / "faces.npz")]),
+                ("eval", "eval", evaluate, lambda d: ["--out", str(d / "eval")]))}
+    proc = torchrun(json.dumps([job["two"] for job in jobs.values()]), script=str(Path(__file__).with_name(
+        "torchrun_verbs.py")))
+    for job in jobs.values():
+        assert main([*job["one"], "--threads", "1"]) == 0
+    logs = dict(part.split("\n", 1) for part in proc.stderr.split("== ")[1:])
+    return {"two": out / "two", "one": out / "one", "logs": logs}
+
+
+def test_predict_under_torchrun_equals_one_process_and_divides_the_work(verbs) -> None:
+    two, one = verbs["two"], verbs["one"]
+    assert (two / "rows.csv").read_bytes() == (one / "rows.csv").read_bytes()
+    assert (two / "s.json").read_text() == (one / "s.json").read_text()
+    with open(one / "rows.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert len({r["path"] for r in rows}) == 12 and any(r["frame"] for r in rows)
     # both processes worked, neither did all of it: 4 shares of images (3 per share) and the video's own
-    done = [int(line.split("process ")[1].split(":")[1].split("share")[0]) for line in proc.stderr.splitlines()
+    log = verbs["logs"]["predict"]
+    done = [int(line.split("process ")[1].split(":")[1].split("share")[0]) for line in log.splitlines()
             if "share(s) of" in line]
-    assert len(done) == 2 and min(done) >= 1 and sum(done) == 5, proc.stderr[-2000:]
-    assert not list(tmp_path.glob(".*ceprompt-parts"))
+    assert len(done) == 2 and min(done) >= 1 and sum(done) == 5, log[-2000:]
+    assert not list(two.glob(".*ceprompt-parts"))
 
 
-def test_embed_under_torchrun_equals_one_process(runs, inputs, tmp_path: Path) -> None:
-    common = [str(runs["s1"]), str(inputs), "--detect", "none", "--batch-size", "4", "--no-progress", "--device",
-              "cpu", "--precision", "fp32"]
-    torchrun("embed", *common, "-o", str(tmp_path / "two.npz"))
-    single("embed", *common, "-o", str(tmp_path / "one.npz"))
-    two, one = np.load(tmp_path / "two.npz"), np.load(tmp_path / "one.npz")
+def test_embed_under_torchrun_equals_one_process(verbs) -> None:
+    two, one = np.load(verbs["two"] / "faces.npz"), np.load(verbs["one"] / "faces.npz")
     assert list(two["paths"]) == list(one["paths"]) and np.array_equal(two["embeddings"], one["embeddings"])
 
 
-def test_eval_under_torchrun_equals_one_process(runs, tmp_path: Path) -> None:
-    common = ["--checkpoint", str(runs["s2"]), "--data", str(runs["data"]), "--no-progress", "--device", "cpu",
-              "--precision", "fp32", "--batch-size", "3", "--workers", "0"]
-    torchrun("eval", *common, "--out", str(tmp_path / "two"))
-    single("eval", *common, "--out", str(tmp_path / "one"))
-    assert (tmp_path / "two" / "predictions.csv").read_bytes() == (tmp_path / "one" / "predictions.csv").read_bytes()
+def test_eval_under_torchrun_equals_one_process(verbs) -> None:
+    two, one = verbs["two"] / "eval", verbs["one"] / "eval"
+    assert (two / "predictions.csv").read_bytes() == (one / "predictions.csv").read_bytes()
 
 
 def test_a_deterministic_two_process_run_killed_and_resumed_ends_with_the_same_weights(tmp_path: Path) -> None:

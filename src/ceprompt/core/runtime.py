@@ -4,6 +4,7 @@ Process infrastructure shared by training, evaluation and inference (below ``api
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import logging
@@ -166,7 +167,7 @@ def dist_timeout() -> datetime.timedelta:
 
 
 def setup_runtime(device: str = "auto", precision: str = "auto", deterministic: bool = False) -> Runtime:
-    """Join the torchrun process group when launched by torchrun; pick the device and precision.
+    """Join the torchrun process group when launched by torchrun (once per process); pick the device and precision.
 
     Numerics are the same for every verb (train, eval, predict, serve: torch's own TF32 defaults, never changed);
     what a job switches on for itself (cuDNN autotuning, deterministic algorithms) is switched back by
@@ -179,7 +180,10 @@ def setup_runtime(device: str = "auto", precision: str = "auto", deterministic: 
     if world > 1 and not dist.is_initialized():
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
+        # joined once per process and left at exit: a script under torchrun may run several verbs one after another,
+        # and a group left and joined again reads the old group's addresses from torchrun's store and cannot connect
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", timeout=dist_timeout())
+        atexit.register(_leave_group)
     saved = {"deterministic": torch.are_deterministic_algorithms_enabled(),
              "cudnn_benchmark": torch.backends.cudnn.benchmark,
              "cublas_workspace": os.environ.get("CUBLAS_WORKSPACE_CONFIG")}
@@ -193,9 +197,13 @@ def setup_runtime(device: str = "auto", precision: str = "auto", deterministic: 
                    local_rank=local_rank, saved=saved)
 
 
-def teardown_runtime(rt: Runtime) -> None:
-    if rt.distributed and dist.is_initialized():
+def _leave_group() -> None:
+    if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def teardown_runtime(rt: Runtime) -> None:
+    """Switch back what :func:`setup_runtime` switched on for the job (the process group stays, see there)."""
     if rt.saved:
         torch.use_deterministic_algorithms(rt.saved["deterministic"])
         torch.backends.cudnn.benchmark = rt.saved["cudnn_benchmark"]
