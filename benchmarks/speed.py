@@ -24,7 +24,8 @@ Models have random weights of the named shape (nothing is downloaded). For each 
   bf16, against the bf16 gain of the bare step; with ``--gpu`` under torchrun, one process per GPU (NCCL),
   12 steps an epoch;
 * ``rec.predict_video`` on a generated 640x360 clip with one moving face (frames per second);
-* with ``--compile``, the training steps with ``run.compile`` on and off (a fresh process each);
+* with ``--compile``, the training steps with ``run.compile`` on and off (a fresh process each; one for all of
+  them with ``--smoke``);
 * the peak memory of a stage-1 step with and without activation checkpointing.
 
 ``--busy`` keeps one core busy with another process for the whole run (a shared machine). Prints every
@@ -318,13 +319,12 @@ def run_arch(arch: str, n: int, steps: int, device: str, args: argparse.Namespac
             steps_per_epoch=12 if args.gpu else 2))
     if args.compile:
         def compiled_steps() -> dict:
-            cases = {}
-            for stage in ("stage-1", "stage-2"):
-                for p in slow_cases:
-                    for c in (False, True):
-                        cases[f"{stage} {p} {'compiled' if c else 'eager'}"] = child(
-                            "--step-case", stage, arch, str(n), str(steps), device, p, str(int(c)))
-            return cases
+            specs = {f"{stage} {p} {'compiled' if c else 'eager'}": [stage, p, int(c)]
+                     for stage in ("stage-1", "stage-2") for p in slow_cases for c in (False, True)}
+            if args.smoke:  # no memory peaks to keep apart: one process for all, three interpreters fewer
+                return child("--step-cases", arch, str(n), str(steps), device, json.dumps(specs))
+            return {name: child("--step-cases", arch, str(n), str(steps), device, json.dumps({name: spec}))[name]
+                    for name, spec in specs.items()}
         case("step img/s (peak GiB), run.compile", compiled_steps)
     if args.memory and device == "cpu":
         case("stage-1 step memory, batch 32", lambda: measure_memory(arch, 32))
@@ -427,10 +427,13 @@ def main() -> None:
         arch, n, ckpt = sys.argv[2], int(sys.argv[3]), bool(int(sys.argv[4]))
         print(json.dumps(memory_case(arch, n, ckpt)))
         return
-    if len(sys.argv) > 1 and sys.argv[1] == "--step-case":
-        stage, arch, n, steps, device, precision, compiled = sys.argv[2:9]
-        result = train_steps(stage, arch, int(n), int(steps), device, (precision,), compiled=compiled == "1")
-        print(json.dumps({"images_per_second": result[precision], "peak_gib": result.get(f"{precision} peak GiB")}))
+    if len(sys.argv) > 1 and sys.argv[1] == "--step-cases":  # {name: [stage, precision, compiled]}, in order
+        arch, n, steps, device, specs = sys.argv[2:7]
+        out = {}
+        for name, (stage, precision, compiled) in json.loads(specs).items():
+            result = train_steps(stage, arch, int(n), int(steps), device, (precision,), compiled=bool(compiled))
+            out[name] = {"images_per_second": result[precision], "peak_gib": result.get(f"{precision} peak GiB")}
+        print(json.dumps(out))
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--archs", nargs="+", default=["tiny-vit", "ViT-B-16"])
