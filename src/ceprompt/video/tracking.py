@@ -1,21 +1,23 @@
 """Faces followed over time: a track id per person, and expressions smoothed along each track.
 
-Identity comes first from ByteTrack (Roboflow's maintained ``trackers`` library, installed with the ``video``
-extra): each detected face box is matched to the tracks' Kalman-predicted boxes by IoU, using the frames' own
-timestamps. A face hidden or missed by the detector keeps its id while it is remembered (``memory`` seconds, 3 by
-default): long enough for a head turned away, a hand before the face or a person passing behind another; a face
+Identity from sample to sample comes from ByteTrack (Roboflow's maintained ``trackers`` library, installed with the
+``video`` extra): each detected face box is matched to the tracks' Kalman-predicted boxes by IoU, using the frames'
+own timestamps. A face hidden or missed by the detector keeps its id while it is remembered (``memory`` seconds, 3
+by default): long enough for a head turned away, a hand before the face or a person passing behind another; a face
 gone for longer gets a new id when it returns.
 
-Motion alone loses a face that was partly hidden before it disappeared (its shrinking box throws the prediction off,
-and nothing overlaps when the face comes back). So when ByteTrack starts a new track, ceprompt first looks among the
-faces lost within ``memory`` seconds for one that could have moved there. Continuing at its last velocity (from its
-last two sightings) the lost face would be at a predicted point; the new face must lie within an ellipse around it:
-across the direction of motion 0.75 face sizes plus 0.25 per second of absence, along it that plus half the distance
-the face was travelling (its speed may have changed more than its direction). A face standing still gets a circle of
-the smaller size; a face seen once, a circle of one face size plus 0.75 per second of absence around where it was.
-The ellipse matters when someone new appears near a hidden face's path: a circle large enough for the hidden face's
-change of speed would take them in. When the model's own face embedding is given, the most similar such face
-is taken; one assignment decides for all new tracks of a frame. The face keeps its id. Faces that look alike
+Finding a lost face again is ceprompt's own, not ByteTrack's: matched against a lost track's prediction, a face
+that was partly hidden before it disappeared was missed (its shrinking box throws the prediction off), and someone
+new appearing near the lost face's path took its id. So ByteTrack forgets a track it misses, and when it starts a
+new one ceprompt first looks among the faces lost within ``memory`` seconds for one that could have moved there.
+Continuing at its velocity (its steps between sightings averaged over half a second: from the last two sightings
+alone, a few pixels of detector jitter turned the direction) the lost face would be at a predicted point; the new
+face must lie within an ellipse around it: across the direction of motion 0.75 face sizes plus 0.25 per second of
+absence, along it that plus half the distance the face was travelling (its speed may have changed more than its
+direction). A face standing still gets a circle of the smaller size; a face seen once, a circle of one face size
+plus 0.75 per second of absence around where it was. A circle large enough for the hidden face's change of speed
+would take in someone new beside its path. When the model's own face embedding is given, the most similar such
+face is taken; one assignment decides for all new tracks of a frame. The face keeps its id. Faces that look alike
 (twins, the test videos' one photo) are then told apart by where they were going.
 
 ByteTrack confirms a new track on its second sighting; ceprompt gives every face its id on its first sighting (ids
@@ -43,6 +45,7 @@ DEFAULT_SMOOTH = 0.5  # seconds: expression changes in conversation take about 0
 DEFAULT_MEMORY = 3.0  # seconds a lost face keeps its id
 SMOOTH = Range(0, 3600)
 MEMORY = Range(0, 3600, lo_open=True)
+VELOCITY_TIME = 0.5  # seconds: a face's velocity is averaged over about this long
 
 
 @dataclass
@@ -98,12 +101,15 @@ class FaceTracks:
         from trackers.utils.state_representations import XCYCSRStateEstimator
 
         # Every detection ceprompt passes already cleared the face detector's threshold: all of them may start a
-        # track and all are ByteTrack's "high confidence" ones. The buffer is in 30 fps frames, i.e. seconds x 30.
+        # track and all are ByteTrack's "high confidence" ones. ByteTrack keeps a lost track for one 30 fps frame
+        # only (its buffer is in 30 fps frames): matched against its Kalman prediction, grown as below, a lost face
+        # took the id of someone new appearing near its path, so a face missed or hidden is found again by ceprompt
+        # (see the module), by its averaged velocity and its embedding, for ``memory`` seconds.
         # A face's box is predicted as centre, scale and a fixed aspect ratio (SORT's state): predicting the four
         # corners on their own let a hidden face's box change shape, and miss the face when it came back. Boxes are
         # compared grown by half their size on each side (buffered IoU, C-BIoU): at a few samples per second a face
         # moves most of its width between samples, and plain boxes no longer overlap.
-        self._tracker = trackers.ByteTrackTracker(lost_track_buffer=max(1, math.ceil(self.memory * 30)),
+        self._tracker = trackers.ByteTrackTracker(lost_track_buffer=1,
                                                   frame_rate=30.0, track_activation_threshold=0.0,
                                                   minimum_consecutive_frames=1, high_conf_det_threshold=0.0,
                                                   state_estimator_class=XCYCSRStateEstimator,
@@ -196,7 +202,7 @@ class FaceTracks:
             vector = None if embeddings is None else np.asarray(embeddings[row], dtype=np.float64)
             last, velocity = self._seen.get(track), None
             if last is not None and time > last.time:
-                velocity = (_centre(boxes[row]) - _centre(last.box)) / (time - last.time)
+                velocity = _velocity(last, time, boxes[row])
             self._seen[track] = _Sighting(time, boxes[row].copy(), vector, velocity)
         kept = {id(t) for t in alive}
         self._ids = {key: value for key, value in self._ids.items() if key in kept}
@@ -221,7 +227,18 @@ class _Sighting:
     time: float
     box: np.ndarray
     embedding: np.ndarray | None
-    velocity: np.ndarray | None  # of the box's centre, pixels per second, from the last two sightings
+    velocity: np.ndarray | None  # of the box's centre, pixels per second, averaged over time (see _velocity)
+
+
+def _velocity(last: _Sighting, time: float, box: np.ndarray) -> np.ndarray:
+    """The face's velocity after a sighting at ``time``: the step since ``last`` averaged in time with the velocity
+    before it (time constant :data:`VELOCITY_TIME`). From two sightings alone, a few pixels of detector jitter
+    between samples 0.1-0.3 s apart turned the direction by tens of degrees, and the gate with it."""
+    dt = time - last.time
+    step = (_centre(box) - _centre(last.box)) / dt
+    if last.velocity is None:
+        return step
+    return last.velocity + (1.0 - math.exp(-dt / VELOCITY_TIME)) * (step - last.velocity)
 
 
 def _share_of_reach(seen: _Sighting, time: float, box: np.ndarray) -> float:
