@@ -69,7 +69,13 @@ def verbs(runs, inputs, tmp_path_factory) -> dict:
         "torchrun_verbs.py")))
     for job in jobs.values():
         assert main([*job["one"], "--threads", "1"]) == 0
-    logs = dict(part.split("\n", 1) for part in proc.stderr.split("== ")[1:])
+    logs: dict[str, str] = {}
+    verb = None
+    for line in proc.stderr.splitlines():  # both processes write here: a verb's lines follow its marker
+        if line.startswith("@@ceprompt-verb "):
+            verb = line.split()[1]
+        elif verb is not None:
+            logs[verb] = logs.get(verb, "") + line + "\n"
     return {"two": out / "two", "one": out / "one", "logs": logs}
 
 
