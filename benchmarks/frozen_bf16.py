@@ -70,7 +70,8 @@ def main() -> None:
                      "cases": {}}
     for arch in args.archs:
         for stage in ("stage-1", "stage-2"):
-            (plain, _), (stored, blocks) = stepper(stage, arch, args.batch, False), stepper(stage, arch, args.batch, True)
+            plain, _ = stepper(stage, arch, args.batch, False)
+            stored, blocks = stepper(stage, arch, args.batch, True)
             rates = interleaved({"fp32 weights": (plain, args.batch), "frozen bf16": (stored, args.batch)},
                                 args.rounds, "cpu")
             row = {**{k: round(v, 2) for k, v in rates.items()}, "frozen blocks": blocks,

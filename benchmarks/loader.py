@@ -3,8 +3,8 @@ RAF-DB-sized and AffectNet-sized JPEGs, and the processes a GPU node needs to fe
 
 RAF-DB's aligned faces are 100x100 JPEGs (resized up to 224); AffectNet's manually annotated faces are JPEGs of a
 few hundred pixels (450x450 here) with its affine and erasing augmentation. Each is measured with the JPEG decoded
-whole (ceprompt 0.3) and at the scale nearest the model's input (libjpeg's scaled decoding, what datasets use now). Each case runs ``FERDataset`` exactly
-as training does, in this one process (one loader worker's share), on generated photo-like JPEGs:
+whole (ceprompt 0.3) and at the scale nearest the model's input (libjpeg's scaled decoding, what datasets use
+now). Each case runs ``FERDataset`` exactly as training does, in this one process (one loader worker's share), on generated photo-like JPEGs:
 
     python benchmarks/loader.py       # writes benchmarks/results/loader.json
 """

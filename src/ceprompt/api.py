@@ -18,7 +18,7 @@ import threading
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -381,7 +381,7 @@ class Recognizer:
         return to_pil(image)
 
 
-def _each(items: Iterable[Any], fn: Any, on_error: str) -> list[Any]:
+def _each(items: Iterable[Any], fn: Callable[[Any], Any], on_error: str) -> list[Any]:
     """``fn`` of each item; with ``on_error="return"`` an item's :class:`CepromptError` in its place."""
     out: list[Any] = []
     for item in items:

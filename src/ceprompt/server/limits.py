@@ -5,8 +5,8 @@ that do not flood.
 * Pixels in flight: every upload's pixel count is read from its header; when the images already decoded or
   being decoded would exceed the budget with it, the request is answered 503 with ``Retry-After`` at once,
   before it is decoded. Sixteen 49-megapixel uploads at once held several gigabytes before.
-* Uploads and live frames get in one way, :func:`admitted`. Waiting images are at most :data:`MAX_SIDE` pixels on a side (faces are found and cut on that copy; boxes are
-  given in the upload's own pixels).
+* Uploads and live frames get in one way, :func:`admitted`. Waiting images are at most :data:`MAX_SIDE` pixels
+  on a side (faces are found and cut on that copy; boxes are given in the upload's own pixels).
 * After a large image, freed memory is returned to the system (glibc keeps it otherwise: 3-5 GB stayed held).
 * Connections: at most ``max_connections`` open at once (more are closed at once, so the process never runs out
   of file descriptors), and at most a share of them per client address (one client holding sockets open cannot
@@ -101,7 +101,7 @@ async def admitted(budget: PixelBudget, data: bytes, name: str, max_side: int = 
         budget.give(held - image.width * image.height)  # what waits for the model is the scaled copy
         held = image.width * image.height
         entry = Admitted(image, scale, width, height)
-        image = None
+        image = None  # the entry holds the one reference, dropped when the block ends
         yield entry
     finally:
         budget.give(held)

@@ -4,8 +4,8 @@ Protocol (``/api/live``, optionally ``?classes=a,b,c``): the page sends each fra
 little-endian float (the frame's capture time in milliseconds) followed by a JPEG or PNG of the frame, downscaled
 by the page; the server answers each frame it classified with one JSON text message ``{"t", "width", "height",
 "faces": [{"track", "box", "label", "score", "probabilities"}]}`` (label, score and probabilities smoothed along
-the track; ``t`` echoes the capture time, null when it was not a number). WebSocket because frames flow both ways for as long as the camera runs, over one connection that the
-server's limits already govern.
+the track; ``t`` echoes the capture time, null when it was not a number). WebSocket because frames flow both ways
+for as long as the camera runs, over one connection that the server's limits already govern.
 
 * At most one frame per session is with the model; a frame that arrives while another waits replaces it (the
   newest is what matters), and the page sends its next frame when the answer arrives, at most ``max_fps`` a second.
@@ -133,8 +133,8 @@ class LiveSession:
                   "score": round(f.smoothed_score, 4), "probabilities": {k: round(v, 4) for k, v in f.smoothed.items()}}
                  for f in answer.faces]
         stamp = stamp_ms if math.isfinite(stamp_ms) else None  # NaN is not JSON: the page could not parse it
-        await self._send({"t": stamp, "width": frame.width, "height": frame.height, "faces": faces, "left_out": answer.left_out,
-                          "classes": answer.recognizer.class_names})
+        await self._send({"t": stamp, "width": frame.width, "height": frame.height, "faces": faces,
+                          "left_out": answer.left_out, "classes": answer.recognizer.class_names})
 
     async def _send(self, body: dict[str, Any]) -> None:
         await self.ws.send_json(body)
