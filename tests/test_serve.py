@@ -506,6 +506,13 @@ def test_the_live_websocket_checks_host_and_origin(server: str) -> None:
         ws.send(struct.pack("<d", float("nan")) + frame.getvalue())
         answer = json_module.loads(ws.recv(timeout=60), parse_constant=lambda c: pytest.fail(f"{c} in the answer"))
         assert answer["t"] is None and answer["faces"] == []
+    from websockets.exceptions import ConnectionClosed
+
+    with ws_client.connect(address, origin=server, open_timeout=10) as ws:  # too short to hold a capture time
+        ws.send(b"\x00\x01\x02")
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=30)
+    assert closed.value.rcvd.code == 1007 and "expected an 8-byte capture time" in closed.value.rcvd.reason
 
 
 def test_running_short_of_memory_is_a_503_not_a_bad_image(runs, images, monkeypatch) -> None:

@@ -92,8 +92,12 @@ class LiveSession:
                 data = message.get("bytes")
                 if data is None:
                     continue  # text messages carry nothing the server needs
-                if len(data) > self.max_bytes + 8 or len(data) < 9:
+                if len(data) > self.max_bytes + 8:
                     await self._close(1009, f"a frame of {len(data)} bytes; at most {self.max_bytes} are taken")
+                    return
+                if len(data) < 9:  # a protocol error, not a bad picture: the session ends
+                    await self._close(1007, f"a frame of {len(data)} bytes: expected an 8-byte capture time, then "
+                                            "an image")
                     return
                 (stamp,) = struct.unpack("<d", data[:8])
                 self.pending = (stamp, data[8:])  # replaces a frame still waiting
